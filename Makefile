@@ -1,0 +1,37 @@
+# Two commands matter: `make demo` and `make test`. Both set up .venv first.
+PYTHON ?= python3.11
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed-stamp
+PYTEST_ARGS ?=
+
+.PHONY: setup demo test test-fast bench clean lock
+
+setup: $(STAMP)
+
+# Re-installs only when pyproject.toml or the lock file changed.
+$(STAMP): pyproject.toml requirements.lock
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV) || { \
+	  echo "error: '$(PYTHON) -m venv $(VENV)' failed. Python 3.11 with venv is required (Debian: apt-get install python3.11-venv)."; exit 1; }
+	$(PY) -m pip install --quiet --disable-pip-version-check -c requirements.lock -e '.[dev]'
+	@touch $(STAMP)
+
+demo: setup
+	$(PY) -m jobs.demo
+
+test: setup
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+# Unit tests only (no Ray cluster, no long training).
+test-fast: setup
+	$(PY) -m pytest -m "not slow and not chaos" $(PYTEST_ARGS)
+
+bench: setup
+	$(PY) -m benchmarks.run_all
+
+# Regenerate requirements.lock from the current .venv (after changing a pin in pyproject.toml).
+lock:
+	$(PY) -m pip freeze --exclude-editable | grep -v '^-e' > requirements.lock
+
+clean:
+	rm -rf $(VENV) runs demo_data .pytest_cache
