@@ -86,3 +86,19 @@ def s3_bucket(s3_server):
     fs.mkdir(name)
     yield name
     s3fs.S3FileSystem.clear_instance_cache()
+
+
+# Keep every Ray started by the tests (in-process or `ray start`) on 127.0.0.1; see distributed/cluster.py.
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One local Ray for the whole session, bound to loopback, 2 CPUs."""
+    import ray
+
+    from distributed.cluster import init_ray
+
+    init_ray(num_cpus=2)
+    yield ray
+    ray.shutdown()
