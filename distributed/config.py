@@ -1,0 +1,248 @@
+"""Run configuration: one frozen dataclass per concern, loaded from YAML, then dotted command-line overrides.
+
+`load_config("configs/demo.yaml", ["optim.base_lr=0.2"])` returns a `Config`; unknown keys and wrong types
+raise `ConfigError` naming the key and listing the valid ones (timm's YAML-then-CLI habit, nanoGPT's
+dataclass config).
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config file or override is invalid; the message names the key and what would be valid."""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str = "se_googlenet"
+    # Extra keyword arguments for models.get_model, e.g. {se_placement: module}.
+    kwargs: dict = field(default_factory=dict)
+    # GoogLeNet paper (Szegedy et al. 2014, sec. 5): auxiliary losses are added with weight 0.3.
+    aux_weight: float = 0.3
+    # NHWC helps convolutions on tensor-core GPUs (PyTorch memory-format tutorial); neutral on CPU.
+    channels_last: bool = False
+    # torch.compile the model (GPU runs; compile time dominates short CPU runs).
+    compile: bool = False
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    # Shards written by `python -m jobs.prepare` (any fsspec URL: local path, s3://, gs://).
+    url: str = "demo_data/shards"
+    image_size: int = 224
+    # Per worker; the global batch is batch_size * num_workers (and scales the learning rate).
+    batch_size: int = 64
+    eval_batch_size: int = 128
+    loader_workers: int = 4
+    shuffle_buffer: int = 2000
+    # None, "randaugment" or "trivialaugment" (torchvision references' --auto-augment).
+    auto_augment: str | None = None
+    # Above this fraction of undecodable images the run stops with the offending keys.
+    max_corrupt_fraction: float = 0.01
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    name: str = "sgd"  # "sgd" or "adamw"
+    # Learning rate per 256 images; the run uses base_lr * global_batch / 256 (Goyal et al. 2017, linear scaling).
+    base_lr: float = 0.1
+    momentum: float = 0.9
+    nesterov: bool = False
+    weight_decay: float = 1e-4
+    # No weight decay on norm and bias parameters (Goyal et al. 2017; torchvision references --norm-weight-decay 0).
+    decay_norm_and_bias: bool = False
+    betas: list = field(default_factory=lambda: [0.9, 0.999])
+    # Szegedy et al. 2016 (Inception-v3) label smoothing; torchvision's recipes use 0.1.
+    label_smoothing: float = 0.1
+    grad_clip_norm: float | None = None
+    # EMA of weights (torchvision references --model-ema); None disables.
+    ema_decay: float | None = None
+
+
+@dataclass(frozen=True)
+class ScheduleConfig:
+    epochs: int = 90
+    # Linear warm-up from 0 (Goyal et al. 2017: 5 epochs for large batches).
+    warmup_epochs: float = 5.0
+    decay: str = "cosine"  # "cosine" (Loshchilov & Hutter 2017) or "step"
+    step_epochs: list = field(default_factory=lambda: [30, 60, 80])
+    step_gamma: float = 0.1
+    min_lr_ratio: float = 0.0
+
+
+@dataclass(frozen=True)
+class StrategyConfig:
+    name: str = "ddp"  # "ddp" or "deepspeed"
+    # "fp32", "bf16" or "fp16" (fp16 needs a GPU: GradScaler for ddp, dynamic loss scaling for deepspeed).
+    precision: str = "fp32"
+    zero_stage: int = 0
+    # Extra DeepSpeed config entries merged over the generated ones (deepspeed.ai/docs/config-json).
+    deepspeed: dict = field(default_factory=dict)
+    # fp16: consecutive overflow-skipped steps tolerated before the run stops as diverged.
+    max_skipped_steps: int = 25
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    name: str = "demo"
+    # Ray Train storage: local path, s3://bucket/prefix or gs://bucket/prefix.
+    storage_path: str = "runs"
+    num_workers: int = 2
+    use_gpu: bool = False
+    cpus_per_worker: int = 1
+    checkpoint_every_steps: int = 500
+    num_to_keep: int = 3
+    max_failures: int = 3
+    log_every_steps: int = 50
+    seed: int = 0
+    # Deterministic kernels and per-step RNG seeding, so an interrupted+resumed CPU run equals an uninterrupted one.
+    deterministic: bool = False
+    # Ray cluster address; empty means $RAY_ADDRESS, else a local Ray on 127.0.0.1.
+    address: str | None = None
+    # Test hook: stop cleanly (without error) after this many global steps; None = run to the end.
+    stop_after_steps: int | None = None
+
+
+@dataclass(frozen=True)
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    strategy: StrategyConfig = field(default_factory=StrategyConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+    # A checkpoint URL to start from when the run has none of its own.
+    resume_from: str | None = None
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _check_type(key: str, value: Any, tp: Any) -> Any:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _check_type(key, value, arg)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise errors[0] if len(errors) == 1 else ConfigError("; ".join(errors))
+    expected = origin or tp
+    if expected is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if expected is bool and not isinstance(value, bool):
+        raise ConfigError(f"config key '{key}': expected true/false, got {value!r}")
+    if expected in (int, float) and isinstance(value, bool):
+        raise ConfigError(f"config key '{key}': expected {expected.__name__}, got {value!r}")
+    if not isinstance(value, expected):
+        raise ConfigError(f"config key '{key}': expected {getattr(expected, '__name__', expected)}, got {value!r}")
+    return value
+
+
+def _build(cls: type, data: dict, prefix: str = "") -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"config section '{prefix.rstrip('.') or '<root>'}' must be a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ConfigError(
+            f"unknown config key '{prefix}{unknown[0]}'; valid keys here: {', '.join(prefix + k for k in fields)}"
+        )
+    kwargs = {}
+    for name, value in data.items():
+        tp = hints[name]
+        if dataclasses.is_dataclass(tp):
+            kwargs[name] = _build(tp, value, f"{prefix}{name}.")
+        else:
+            kwargs[name] = _check_type(prefix + name, value, tp)
+    return cls(**kwargs)
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    *parents, leaf = dotted.split(".")
+    node = tree
+    for p in parents:
+        node = node.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override '{dotted}': '{p}' is not a section")
+    node[leaf] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """'optim.base_lr=0.2' -> ('optim.base_lr', 0.2); the value is read as YAML (numbers, bools, lists, null)."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"override '{text}' must look like key=value, e.g. optim.base_lr=0.2")
+    return key.strip(), yaml.safe_load(raw) if raw.strip() else ""
+
+
+def config_from_dict(data: dict) -> Config:
+    return _build(Config, data)
+
+
+def load_config(path: str | None, overrides: list[str] = ()) -> Config:
+    """Load a YAML file (or the defaults when path is None) and apply `key=value` overrides."""
+    tree: dict = {}
+    if path:
+        try:
+            with open(path) as f:
+                tree = yaml.safe_load(f) or {}
+        except FileNotFoundError:
+            raise ConfigError(f"config file {path} does not exist") from None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
+    for text in overrides:
+        _set_dotted(tree, *parse_override(text))
+    try:
+        cfg = config_from_dict(tree)
+    except ConfigError as e:
+        raise ConfigError(f"{path or 'defaults'}: {e}") from None
+    validate(cfg)
+    return cfg
+
+
+_CHOICES = {
+    "optim.name": ("sgd", "adamw"),
+    "schedule.decay": ("cosine", "step"),
+    "strategy.name": ("ddp", "deepspeed"),
+    "strategy.precision": ("fp32", "bf16", "fp16"),
+    "strategy.zero_stage": (0, 1, 2, 3),
+    "data.auto_augment": (None, "randaugment", "trivialaugment"),
+}
+
+
+def validate(cfg: Config) -> None:
+    """Value checks beyond types: choices and ranges, each naming its key."""
+    tree = cfg.to_dict()
+    for dotted, choices in _CHOICES.items():
+        section, key = dotted.split(".")
+        if tree[section][key] not in choices:
+            raise ConfigError(f"config key '{dotted}' = {tree[section][key]!r}; valid: {', '.join(map(repr, choices))}")
+    positive = ["data.image_size", "data.batch_size", "data.eval_batch_size", "run.num_workers",
+                "run.checkpoint_every_steps", "run.log_every_steps", "schedule.epochs", "run.cpus_per_worker"]
+    for dotted in positive:
+        section, key = dotted.split(".")
+        if tree[section][key] <= 0:
+            raise ConfigError(f"config key '{dotted}' must be > 0, got {tree[section][key]}")
+    if cfg.strategy.name == "ddp" and cfg.strategy.zero_stage:
+        raise ConfigError("config key 'strategy.zero_stage' needs strategy.name=deepspeed")
+    if cfg.strategy.name == "deepspeed" and cfg.optim.ema_decay is not None:
+        raise ConfigError("config key 'optim.ema_decay' is supported with strategy.name=ddp only")
+    if not cfg.run.name or "/" in cfg.run.name:
+        raise ConfigError(f"config key 'run.name' must be a non-empty name without '/', got {cfg.run.name!r}")
+
+
+def dump_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)

@@ -1,0 +1,113 @@
+"""The driver side: build Ray Train's TorchTrainer from a Config, run it, and write summary.json and curves.png."""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+import uuid
+
+from distributed.cluster import init_ray
+from distributed.config import Config, dump_yaml
+from distributed.loop import summarize_attempts, train_loop_per_worker
+from distributed.run_folder import RunFolder, join, storage_uri
+
+
+def build_trainer(cfg: Config, run_uri: str, launch_id: str):
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    resources = {"CPU": cfg.run.cpus_per_worker}
+    if cfg.run.use_gpu:
+        resources["GPU"] = 1
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"cfg": cfg.to_dict(), "run_uri": run_uri, "launch_id": launch_id},
+        torch_config=TorchConfig(backend="nccl" if cfg.run.use_gpu else "gloo"),
+        scaling_config=ScalingConfig(num_workers=cfg.run.num_workers, use_gpu=cfg.run.use_gpu,
+                                     resources_per_worker=resources),
+        run_config=RunConfig(
+            name=cfg.run.name,
+            storage_path=storage_uri(cfg.run.storage_path),
+            # Keep the best by val top-1; Ray always keeps the latest too, so resume never goes back.
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.run.num_to_keep,
+                                               checkpoint_score_attribute="val_top1",
+                                               checkpoint_score_order="max"),
+            failure_config=FailureConfig(max_failures=cfg.run.max_failures),
+        ),
+    )
+
+
+def fit(cfg: Config) -> dict:
+    """Run (or resume) the training run named cfg.run.name; return the summary that is also saved."""
+    from distributed.preflight import preflight
+
+    where = init_ray(cfg.run.address)
+    run_uri = join(storage_uri(cfg.run.storage_path), cfg.run.name)
+    preflight(cfg, run_uri, local=where == "local")
+    run = RunFolder(run_uri)
+    run.write_text("config.yaml", dump_yaml(cfg))
+    launch_id = uuid.uuid4().hex
+    print(f"run {cfg.run.name}: {cfg.model.name}, {cfg.strategy.name}, {cfg.run.num_workers} workers "
+          f"({where} Ray), run folder {run_uri}", flush=True)
+    start = time.time()
+    result = build_trainer(cfg, run_uri, launch_id).fit()
+    summary = build_summary(cfg, run, result, launch_id, time.time() - start)
+    run.write_text("summary.json", json.dumps(summary, indent=2))
+    write_curves(run)
+    return summary
+
+
+def build_summary(cfg: Config, run: RunFolder, result, launch_id: str, wall: float) -> dict:
+    records = run.read_jsonl("metrics.jsonl")
+    evals = [r for r in records if r["kind"] == "eval"]
+    trains = [r for r in records if r["kind"] == "train"]
+    best = max(evals, key=lambda r: r["val_top1"], default=None)
+    final = evals[-1] if evals else None
+    checkpoint = join(run.uri, os.path.basename(result.checkpoint.path.rstrip("/"))) if result.checkpoint else None
+    best_ckpts = getattr(result, "best_checkpoints", None) or []
+    return {
+        "model": cfg.model.name,
+        "strategy": cfg.strategy.name,
+        "precision": cfg.strategy.precision,
+        "world_size": cfg.run.num_workers,
+        **summarize_attempts(run, launch_id),
+        "epochs": final["epoch"] if final else 0,
+        "steps": final["step"] if final else 0,
+        "best_top1": best["val_top1"] if best else None,
+        "best_top5": best["val_top5"] if best else None,
+        "final_top1": final["val_top1"] if final else None,
+        "final_top5": final["val_top5"] if final else None,
+        "wall_time_s": round(wall, 1),
+        "images_per_s": round(sum(r["images_per_s"] for r in trains) / len(trains), 2) if trains else None,
+        "checkpoint": checkpoint,
+        "best_checkpoint": join(run.uri, os.path.basename(best_ckpts[0][0].path.rstrip("/")))
+        if best_ckpts else checkpoint,
+        "corrupt_images_skipped": (final["corrupt_val"] + final.get("corrupt_train", 0)) if final else 0,
+        "run_uri": run.uri,
+    }
+
+
+def write_curves(run: RunFolder) -> None:
+    """curves.png: training loss per step, and val top-1/top-5 per epoch."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = run.read_jsonl("metrics.jsonl")
+    trains = [r for r in records if r["kind"] == "train"]
+    evals = [r for r in records if r["kind"] == "eval"]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+    ax1.plot([r["step"] for r in trains], [r["loss"] for r in trains])
+    ax1.set(xlabel="step", ylabel="training loss", title="loss")
+    for key, label in (("val_top1", "top-1"), ("val_top5", "top-5")):
+        ax2.plot([r["epoch"] for r in evals], [r[key] for r in evals], marker="o", label=label)
+    ax2.set(xlabel="epoch", ylabel="val accuracy", ylim=(0, 1), title="validation")
+    ax2.legend()
+    fig.tight_layout()
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "curves.png")
+        fig.savefig(path, dpi=100)
+        run.put_file(path, "curves.png")
+    plt.close(fig)
