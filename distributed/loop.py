@@ -229,6 +229,7 @@ def train_loop_per_worker(config: dict) -> None:
     if steps_per_epoch == 0:
         raise ConfigError(f"data.batch_size={cfg.data.batch_size} x {world} workers exceeds the "
                           f"{train_samples} training samples in {cfg.data.url}")
+    torch.manual_seed(cfg.run.seed)  # same initial weights on every rank and every launch
     model = get_model(cfg.model.name, num_classes=len(index.classes), **cfg.model.kwargs)
     params = sum(p.numel() for p in model.parameters())
     strategy = build_strategy(cfg, model, device, steps_per_epoch)

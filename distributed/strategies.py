@@ -196,7 +196,10 @@ class DeepSpeedStrategy:
             raise ConfigError("strategy.precision=fp16 needs a GPU (DeepSpeed's CPU accelerator has no fp16)")
         self.cfg, self.device = cfg, device
         self.memory_format = torch.channels_last if cfg.model.channels_last else torch.contiguous_format
-        model = model.to(device, memory_format=self.memory_format)
+        self.dtype = _DTYPES[cfg.strategy.precision]
+        # DeepSpeed casts parameters for bf16/fp16 but not BatchNorm's running statistics; cast the whole
+        # module so BN buffers match (its optimizer keeps fp32 master weights).
+        model = model.to(device, dtype=self.dtype, memory_format=self.memory_format)
         optimizer = build_optimizer(cfg, model)
         scheduler = build_scheduler(cfg, optimizer, steps_per_epoch)
         try:
@@ -207,7 +210,6 @@ class DeepSpeedStrategy:
             raise ConfigError(f"DeepSpeed rejected the config (strategy.*): {e}") from e
         self.module = self.engine.module
         self.checkpoint_writers = dist.get_world_size() if dist.is_initialized() else 1
-        self.dtype = _DTYPES[cfg.strategy.precision]
         self.ema = None
         self.scaler = None
 

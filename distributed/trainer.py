@@ -34,6 +34,8 @@ def build_trainer(cfg: Config, run_uri: str, launch_id: str):
                                                checkpoint_score_attribute="val_top1",
                                                checkpoint_score_order="max"),
             failure_config=FailureConfig(max_failures=cfg.run.max_failures),
+            # Ray Train tees worker prints into its logger too; without this each progress line shows twice.
+            worker_runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}},
         ),
     )
 

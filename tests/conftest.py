@@ -93,8 +93,11 @@ os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
 
 @pytest.fixture(scope="session")
-def ray_local():
-    """One local Ray for the whole session, bound to loopback, 2 CPUs."""
+def ray_local(s3_server):
+    """One local Ray for the whole session, bound to loopback, 2 CPUs.
+
+    Started after the S3 server so that Ray's processes inherit its endpoint and keys from the environment.
+    """
     import ray
 
     from distributed.cluster import init_ray
