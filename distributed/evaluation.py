@@ -34,6 +34,7 @@ import fsspec
 import numpy as np
 import torch
 import torch.nn.functional as F
+import yaml
 from fsspec.implementations.local import LocalFileSystem
 from torch import nn
 from torch.utils.data import DataLoader
@@ -46,7 +47,7 @@ from data.stream import pieces_of, rank_range, read_piece
 from data.transforms import EVAL_CROP_RATIO, eval_transform
 from distributed.checkpoint import CheckpointError, load_state
 from distributed.config import Config, config_from_dict
-from distributed.run_folder import RunFolder, join
+from distributed.run_folder import RunFolder, join, storage_uri
 from distributed.strategies import DeepSpeedStrategy
 from models import ILSVRC_WINNERS, get_model, split_outputs, unwrap_model
 from models.published import published_for
@@ -77,11 +78,6 @@ class CheckpointWeights:
     source: str  # which weights: "model", "ema", "deepspeed module", "deepspeed zero_to_fp32"
     step: int
     epoch: int
-
-    @property
-    def run_url(self) -> str:
-        """The run folder `{storage_path}/{run_name}` that holds the checkpoint directory."""
-        return self.url.rstrip("/").rsplit("/", 1)[0]
 
 
 def find_checkpoint(url: str) -> str:
@@ -136,6 +132,7 @@ def deepspeed_weights(directory: str | Path, zero_stage: int, precision: str) ->
 
 
 def select_weights(directory: str, cfg: Config, state: dict, ema: bool) -> tuple[dict, str]:
+    """(state_dict, which weights): the EMA or model entry of state.pt, else the DeepSpeed files."""
     if ema:
         if not state.get("ema"):
             raise CheckpointError(f"checkpoint {directory}: no EMA weights (the run had optim.ema_decay unset)")
@@ -194,13 +191,18 @@ def eval_loader(url: str, split: str, *, image_size: int, batch_size: int, num_w
     return DataLoader(stream, batch_size=None, num_workers=num_workers)
 
 
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
 @torch.no_grad()
 def crop_probabilities(model: nn.Module, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Softmax of the centre crop, and the 10-crop average when `images` holds ten crops per image."""
+    """Softmax of the centre crop, and the 10-crop average when `images` holds ten crops per image (on the CPU)."""
+    device = next(model.parameters()).device
     if images.dim() == 4:
-        return split_outputs(model(normalize(images)))[0].float().softmax(1), None
+        return split_outputs(model(normalize(images, device)))[0].float().softmax(1).cpu(), None
     b, n = images.shape[:2]
-    probs = split_outputs(model(normalize(images.flatten(0, 1))))[0].float().softmax(1).view(b, n, -1)
+    probs = split_outputs(model(normalize(images.flatten(0, 1), device)))[0].float().softmax(1).view(b, n, -1).cpu()
     return probs[:, CENTRE_OF_TEN], probs.mean(1)
 
 
@@ -267,16 +269,20 @@ def evaluate_model(model: nn.Module, loader, num_classes: int) -> dict:
 
 
 def evaluate_checkpoint(ck: CheckpointWeights, data_url: str, split: str = "val", *, image_size: int,
-                        batch_size: int, num_workers: int = 0, ten_crop: bool = False) -> dict:
+                        batch_size: int, num_workers: int = 0, ten_crop: bool = False,
+                        device: torch.device | None = None) -> dict:
     """The results document of jobs.evaluate: both protocols' figures, per class, confused pairs, provenance."""
     index = read_index(data_url)
-    model = build_inference_model(ck.cfg, ck.weights, index.num_classes)
+    model = build_inference_model(ck.cfg, ck.weights, index.num_classes).to(device or default_device())
     loader = eval_loader(data_url, split, image_size=image_size, batch_size=batch_size, num_workers=num_workers,
                          ten_crop=ten_crop)
     out = evaluate_model(model, loader, index.num_classes)
-    return {"kind": EVALUATE_KIND, "checkpoint": ck.url, "model": ck.cfg.model.name, "model_kwargs": ck.cfg.model.kwargs,
-            "weights": ck.source, "step": ck.step, "epoch": ck.epoch, "data": data_url, "split": split,
-            "image_size": image_size, "corrupt": out["corrupt"],
+    seen, expected = int(out["centre"].confusion.sum()) + len(out["corrupt"]), index.split(split, data_url).samples
+    if seen != expected:  # never report a figure over a silently different set of images
+        raise RuntimeError(f"{data_url} split {split!r}: evaluated {seen} samples, index.json lists {expected}")
+    return {"kind": EVALUATE_KIND, "checkpoint": ck.url, "model": ck.cfg.model.name,
+            "model_kwargs": ck.cfg.model.kwargs, "weights": ck.source, "step": ck.step, "epoch": ck.epoch,
+            "data": data_url, "split": split, "image_size": image_size, "corrupt": out["corrupt"],
             "centre": out["centre"].summary(index.classes, index.class_names),
             "ten_crop": out["ten_crop"].summary(index.classes, index.class_names) if out["ten_crop"] else None,
             "published": published_rows()}
@@ -367,7 +373,7 @@ def largest_component_box(mask: np.ndarray) -> tuple[int, int, int, int] | None:
         a = best.setdefault(root, [0, s, r, e, r])
         a[0] += e - s + 1
         a[1], a[2], a[3], a[4] = min(a[1], s), min(a[2], r), max(a[3], e), max(a[4], r)
-    area, x0, y0, x1, y1 = max(best.values(), key=lambda a: a[0])
+    _, x0, y0, x1, y1 = max(best.values(), key=lambda a: a[0])
     return x0, y0, x1, y1
 
 
@@ -465,17 +471,19 @@ def sample_truth(key: str, members: dict[str, bytes], class_index: dict[str, int
     unknown = sorted({b["wnid"] for b in meta.get("boxes", [])} - set(class_index))
     if unknown:
         raise ShardFormatError(f"sample {key!r} has boxes of wnids {unknown} that are not in index.json's classes")
-    return label, [(class_index[b["wnid"]], (b["xmin"], b["ymin"], b["xmax"], b["ymax"])) for b in meta.get("boxes", [])]
+    return label, [(class_index[b["wnid"]], (b["xmin"], b["ymin"], b["xmax"], b["ymax"]))
+                   for b in meta.get("boxes", [])]
 
 
 @torch.no_grad()
 def predict_batch(model: nn.Module, images: list[torch.Tensor], image_size: int, threshold: float) -> list[dict]:
     """Top-5 classes, scores and original-pixel boxes of decoded uint8 [3, H, W] images."""
     transform = eval_transform(image_size)
-    batch = normalize(torch.stack([transform(im) for im in images]))
+    batch = normalize(torch.stack([transform(im) for im in images]), next(model.parameters()).device)
     logits, features = cam_forward(model, batch)
     scores, classes = logits.float().softmax(1).topk(min(TOP_K, logits.shape[1]), dim=1)
-    cams = None if features is None else class_activation_maps(features, cam_head(model)[1].weight, classes)
+    cams = None if features is None else class_activation_maps(features, cam_head(model)[1].weight, classes).cpu()
+    scores, classes = scores.cpu(), classes.cpu()
     out = []
     for i, image in enumerate(images):
         g = eval_geometry(image.shape[2], image.shape[1], image_size)
@@ -492,7 +500,7 @@ def predict_batch(model: nn.Module, images: list[torch.Tensor], image_size: int,
 def predict_range(cfg_dict: dict, weights: dict, classes: list[str], url: str, split: str, rank: int,
                   world_size: int, *, batch_size: int, image_size: int, threshold: float = CAM_THRESHOLD) -> list[dict]:
     """Predictions for one rank range of a split: one record per sample, corrupt images included (flagged)."""
-    model = build_inference_model(config_from_dict(cfg_dict), weights, len(classes))
+    model = build_inference_model(config_from_dict(cfg_dict), weights, len(classes)).to(default_device())
     class_index = {w: i for i, w in enumerate(classes)}
     records: list[dict] = []
     pending: list[tuple[dict, torch.Tensor]] = []
@@ -522,11 +530,13 @@ def predict_range(cfg_dict: dict, weights: dict, classes: list[str], url: str, s
 
 
 def run_predictions(ck: CheckpointWeights, url: str, split: str, *, workers: int, batch_size: int,
-                    image_size: int, threshold: float = CAM_THRESHOLD) -> list[dict]:
+                    image_size: int, threshold: float = CAM_THRESHOLD, gpus_per_worker: float = 0) -> list[dict]:
     """Predict a whole split: in this process (workers=1) or one Ray task per rank range (Ray already up).
 
-    Every sample is predicted exactly once: the record count is checked against index.json.
+    Tasks run on a GPU when given one (`gpus_per_worker`), else on their CPU. Every sample is predicted exactly
+    once: the record count is checked against index.json.
     """
+    url = storage_uri(url)  # Ray workers do not run in this process's directory: hand them absolute local paths
     index = read_index(url)
     expected = index.split(split, url).samples
     kw = dict(batch_size=batch_size, image_size=image_size, threshold=threshold)
@@ -536,7 +546,7 @@ def run_predictions(ck: CheckpointWeights, url: str, split: str, *, workers: int
     else:
         import ray
 
-        task = ray.remote(num_cpus=1, max_retries=2)(predict_range)
+        task = ray.remote(num_cpus=1, num_gpus=gpus_per_worker, max_retries=2)(predict_range)
         weights = ray.put(ck.weights)
         refs = [task.remote(cfg_dict, weights, index.classes, url, split, r, workers, **kw) for r in range(workers)]
         records = [rec for part in ray.get(refs) for rec in part]
@@ -680,6 +690,7 @@ class RunResults:
     name: str
     url: str
     summary: dict | None
+    config: dict | None  # config.yaml, for runs without summary.json (stopped or still running)
     metrics: list[dict]
     evaluation: dict | None  # results.json of jobs.evaluate
     localization: dict | None  # a predict sidecar with a localization error (val)
@@ -697,7 +708,8 @@ def read_run(url: str) -> RunResults:
             doc = json.load(f)
         if isinstance(doc, dict) and doc.get("kind") == PREDICT_KIND and doc.get("localization"):
             localization = doc
-    return RunResults(run.uri.rsplit("/", 1)[-1], run.uri, json.loads(text) if text else None,
+    config = yaml.safe_load(run.read_text("config.yaml") or "null")
+    return RunResults(run.uri.rsplit("/", 1)[-1], run.uri, json.loads(text) if text else None, config,
                       run.read_jsonl("metrics.jsonl"), json.loads(evaluation) if evaluation else None, localization)
 
 
@@ -705,9 +717,11 @@ def run_row(run: RunResults) -> dict:
     """One run's figures (fractions): best val top-1/top-5 from summary.json, else from metrics.jsonl."""
     evals = [r for r in run.metrics if r.get("kind") == "eval"]
     best = max(evals, key=lambda r: r["val_top1"], default=None)
-    s = run.summary or {}
-    row = {"run": run.name, "model": s.get("model") or (run.evaluation or {}).get("model", "?"),
-           "strategy": s.get("strategy", "?"), "workers": s.get("world_size"),
+    s, cfg = run.summary or {}, run.config or {}
+    row = {"run": run.name,
+           "model": s.get("model") or cfg.get("model", {}).get("name") or (run.evaluation or {}).get("model"),
+           "strategy": s.get("strategy") or cfg.get("strategy", {}).get("name"),
+           "workers": s.get("world_size") or cfg.get("run", {}).get("num_workers"),
            "epochs": s.get("epochs", best["epoch"] if best else None),
            "top1": s.get("best_top1", best["val_top1"] if best else None),
            "top5": s.get("best_top5", best["val_top5"] if best else None),
@@ -729,9 +743,9 @@ def report_markdown(runs: list[RunResults], chart: str) -> str:
              "evaluated top-1 % | evaluated top-5 % | protocol | top-5 loc. error % |",
              "|---|---|---|---:|---:|---:|---:|---:|---:|---|---:|"]
     for r in rows:
-        lines.append(f"| {r['run']} | {r['model']} | {r['strategy']} | {r['workers'] or '—'} | {r['epochs'] or '—'} "
-                     f"| {f(r['top1'])} | {f(r['top5'])} | {f(r['eval_top1'])} | {f(r['eval_top5'])} "
-                     f"| {r['eval_protocol'] or '—'} | {f(r['loc5'])} |")
+        lines.append(f"| {r['run']} | {r['model'] or '—'} | {r['strategy'] or '—'} | {r['workers'] or '—'} "
+                     f"| {r['epochs'] or '—'} | {f(r['top1'])} | {f(r['top5'])} | {f(r['eval_top1'])} "
+                     f"| {f(r['eval_top5'])} | {r['eval_protocol'] or '—'} | {f(r['loc5'])} |")
     lines += ["", "Best val figures come from the training run's evaluations (summary.json / metrics.jsonl); "
               "evaluated ones from `jobs.evaluate` (results.json); localization error from `jobs.predict --split val`.",
               "", "## ILSVRC classification winners (top-5 error on the test set)", "",

@@ -1,0 +1,414 @@
+"""jobs.evaluate / jobs.predict / jobs.report and distributed/evaluation.py on a tiny prepared sample dataset.
+
+Checkpoints are written directly in the checkpoint format (no training); figures are checked against direct
+computations from the raw sample files, and the box geometry and scoring as units.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import textwrap
+from collections import deque
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torchvision.io import ImageReadMode, decode_image
+from torchvision.transforms import v2
+
+from data.prepare import prepare_dataset
+from data.sample import make_sample
+from data.transforms import eval_transform, normalize
+from distributed import checkpoint as ckpt
+from distributed import evaluation as ev
+from distributed.config import dump_yaml, load_config
+from jobs import evaluate as evaluate_job
+from jobs import predict as predict_job
+from jobs import report as report_job
+from models import get_model
+
+REPO = Path(__file__).resolve().parents[1]
+NUM_CLASSES = 3
+IMAGE_SIZE = 64  # 2x2 last feature map in GoogLeNet: small, but CAMs still vary across the image
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny batches gain nothing from intra-op threads, and on a shared 2-core machine their spin-waits cost 10x."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    """3 classes, 4 val images each, 5 test images, shards of 5 (several per split). Prepared serially, no Ray."""
+    root = tmp_path_factory.mktemp("data")
+    make_sample(str(root / "raw"), classes=NUM_CLASSES, per_class=4, val_per_class=4, test=5, seed=0)
+    prepare_dataset(str(root / "raw"), str(root / "shards"), shard_size=5, log=lambda _: None)
+    return root
+
+
+def _config(dataset, *overrides):
+    return load_config(str(REPO / "configs/demo.yaml"),
+                       [f"data.url={dataset / 'shards'}", f"data.image_size={IMAGE_SIZE}", *overrides])
+
+
+def _model(name="se_googlenet", kwargs=None, seed=0):
+    """A model whose predictions differ between images: a wide random classifier over the features."""
+    torch.manual_seed(seed)
+    model = get_model(name, num_classes=NUM_CLASSES, **(kwargs if kwargs is not None else {"se_placement": "branch"}))
+    torch.nn.init.normal_(model.fc.weight, std=2.0)
+    return model.eval()
+
+
+def _save(directory: Path, model, cfg, step: int) -> Path:
+    ckpt.save_state(directory, {"model": model.state_dict(), "config": cfg.to_dict(), "epoch": 1, "step": step,
+                                "best_top1": 0.0})
+    ckpt.write_manifest(directory, rank=0, world_size=1)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def run(dataset):
+    """A run folder with two checkpoints (steps 3 and 7); the newest holds `_model()`."""
+    folder = dataset / "runs" / "demo"
+    cfg = _config(dataset)
+    _save(folder / ckpt.checkpoint_dir_name(3), _model(seed=1), cfg, 3)
+    _save(folder / ckpt.checkpoint_dir_name(7), _model(), cfg, 7)
+    return folder
+
+
+def _val_truth(dataset) -> dict[str, tuple[int, list]]:
+    """key -> (class index, [(class, box)]) from the raw layout's LOC files, independent of the shards."""
+    wnids = [line.split()[0] for line in (dataset / "raw/LOC_synset_mapping.txt").read_text().splitlines()]
+    out = {}
+    with open(dataset / "raw/LOC_val_solution.csv") as f:
+        for row in csv.DictReader(f):
+            parts = row["PredictionString"].split()
+            boxes = [(wnids.index(parts[i]), tuple(int(float(v)) for v in parts[i + 1:i + 5]))
+                     for i in range(0, len(parts), 5)]
+            out[row["ImageId"]] = (boxes[0][0], boxes)
+    return out
+
+
+def _raw_image(dataset, split: str, key: str) -> torch.Tensor:
+    return decode_image(str(dataset / f"raw/ILSVRC/Data/CLS-LOC/{split}/{key}.JPEG"), mode=ImageReadMode.RGB)
+
+
+# -- jobs.evaluate ------------------------------------------------------------------------------------------------
+
+def test_evaluate_matches_direct_computation(dataset, run, tmp_path):
+    size = 32  # 10 crops per image: small crops keep the test short
+    assert evaluate_job.main(["--checkpoint", str(run), "--ten-crop", "--batch-size", "5", "--image-size", str(size),
+                              "--out", str(tmp_path)]) == 0
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["checkpoint"].endswith(ckpt.checkpoint_dir_name(7)) and results["step"] == 7  # newest picked
+
+    model, truth = _model(), _val_truth(dataset)
+    resize, ten = v2.Resize(int(size / 0.875), antialias=True), v2.TenCrop(size)
+    hits = {"centre": [0, 0], "ten_crop": [0, 0]}
+    per_class = np.zeros((NUM_CLASSES, 2), dtype=int)  # centre: samples, top-1 hits
+    with torch.no_grad():
+        for key, (label, _) in truth.items():
+            crops = torch.stack(ten(resize(_raw_image(dataset, "val", key))))
+            probs = model(normalize(crops)).softmax(1)
+            for name, p in (("centre", probs[4]), ("ten_crop", probs.mean(0))):
+                top = p.topk(min(5, NUM_CLASSES)).indices.tolist()
+                hits[name][0] += top[0] == label
+                hits[name][1] += label in top
+            per_class[label] += (1, probs[4].argmax().item() == label)
+    n = len(truth)
+    for name in ("centre", "ten_crop"):
+        assert results[name]["samples"] == n
+        assert results[name]["top1"] == pytest.approx(hits[name][0] / n)
+        assert results[name]["top5"] == pytest.approx(hits[name][1] / n)
+    assert [[c["samples"], round(c["top1"] * c["samples"])] for c in results["centre"]["per_class"]] == \
+        per_class.tolist()
+    assert 0 < results["centre"]["top1"] < 1  # the model is not constant: the check above means something
+    pairs = results["centre"]["confused_pairs"]
+    assert pairs and all(p["true"] != p["predicted"] for p in pairs)
+    assert sum(p["count"] for p in pairs) == n - hits["centre"][0]  # 3 classes: every confusion is listed
+
+    md = (tmp_path / "results.md").read_text()
+    for name in ("AlexNet", "GoogLeNet", "ResNet-50", "SE-ResNet-50", "SENet-154", "arXiv:1709.01507", "10-crop"):
+        assert name in md
+
+
+def test_evaluate_default_out_is_the_run_folder_and_bad_checkpoint_fails(run, tmp_path):
+    ck = ev.read_checkpoint(str(run / ckpt.checkpoint_dir_name(3)))
+    assert ck.step == 3 and ck.source == "model" and ev.default_results_dir(ck.url) == str(run)
+    broken = tmp_path / "checkpoint_0000000009"
+    shutil.copytree(run / ckpt.checkpoint_dir_name(7), broken)
+    with open(broken / "state.pt", "r+b") as f:
+        f.seek(100)
+        f.write(b"\xff\xff\xff\xff")
+    assert evaluate_job.main(["--checkpoint", str(broken)]) == 2  # the manifest's sha256 catches it
+
+
+def test_checkpoint_from_s3(run, s3_bucket):
+    import fsspec
+
+    fs = fsspec.filesystem("s3")
+    fs.put(str(run / ckpt.checkpoint_dir_name(7)) + "/", f"{s3_bucket}/runs/demo/{ckpt.checkpoint_dir_name(7)}/",
+           recursive=True)
+    ck = ev.read_checkpoint(f"s3://{s3_bucket}/runs/demo")  # a run folder: its newest checkpoint
+    assert ck.url == f"s3://{s3_bucket}/runs/demo/{ckpt.checkpoint_dir_name(7)}" and ck.step == 7
+    expected = _model().state_dict()
+    assert all(torch.equal(expected[k], v) for k, v in ck.weights.items()) and ck.weights.keys() == expected.keys()
+    assert ev.default_results_dir(ck.url) == os.getcwd()
+
+
+DEEPSPEED_SCRIPT = textwrap.dedent("""
+    import os, sys, torch
+    import torch.distributed as dist
+    sys.path.insert(0, {repo!r})
+    dist.init_process_group("gloo", init_method="tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    import deepspeed
+    from distributed import checkpoint as ckpt
+    from distributed.config import load_config
+    from models import get_model
+    cfg = load_config({config!r}, {overrides!r})
+    torch.manual_seed(0)
+    model = get_model("googlenet", num_classes=3)
+    torch.save(model.state_dict(), {expected!r})
+    engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+        config={{"train_batch_size": 1, "zero_optimization": {{"stage": 1}}, "zero_allow_untested_optimizer": True}},
+        dist_init_required=False)
+    engine.save_checkpoint({out!r}, tag="zero", save_latest=True)  # as DeepSpeedStrategy.save
+    ckpt.save_state({out!r}, {{"config": cfg.to_dict(), "epoch": 0, "step": 1}})
+    ckpt.write_manifest({out!r}, rank=0, world_size=1, writers=1)
+""")
+
+
+@pytest.mark.slow  # DeepSpeed's import (and, the first time on a machine, its CPU comm op build) takes 10-60 s
+def test_deepspeed_checkpoint_loads(dataset, tmp_path):
+    out, expected = tmp_path / "checkpoint_0000000001", tmp_path / "expected.pt"
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    overrides = [f"data.url={dataset / 'shards'}", f"data.image_size={IMAGE_SIZE}", "model.name=googlenet",
+                 "model.kwargs={}", "strategy.name=deepspeed", "strategy.zero_stage=1"]
+    script = DEEPSPEED_SCRIPT.format(repo=str(REPO), port=port, config=str(REPO / "configs/demo.yaml"),
+                                     overrides=overrides, expected=str(expected), out=str(out))
+    env = {**os.environ, "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1",  # DeepSpeed asserts LOCAL_RANK
+           "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=env, timeout=240, capture_output=True,
+                          text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "model" not in torch.load(out / "state.pt", weights_only=True)
+    want = torch.load(expected, weights_only=True)
+    ck = ev.read_checkpoint(str(out))
+    assert ck.source == "deepspeed module" and ck.cfg.strategy.name == "deepspeed"
+    assert ck.weights.keys() == want.keys() and all(torch.equal(want[k], ck.weights[k]) for k in want)
+    rebuilt, source = ev.deepspeed_weights(out, zero_stage=1, precision="bf16")  # the zero_to_fp32 path
+    assert source == "deepspeed zero_to_fp32"
+    assert all(torch.equal(want[k], rebuilt[k].float()) for k in want if want[k].is_floating_point())
+    ev.build_inference_model(ck.cfg, ck.weights, NUM_CLASSES)  # strict: every key fits the architecture
+
+
+# -- boxes and scoring as units -------------------------------------------------------------------------------------
+
+def _bfs_components(mask: np.ndarray) -> list[tuple[int, tuple]]:
+    """Reference: (area, box) of every 8-connected component, by breadth-first search."""
+    seen, out = np.zeros_like(mask), []
+    for y, x in zip(*np.nonzero(mask)):
+        if seen[y, x]:
+            continue
+        queue, pixels = deque([(y, x)]), []
+        seen[y, x] = True
+        while queue:
+            cy, cx = queue.popleft()
+            pixels.append((cy, cx))
+            for ny in range(max(cy - 1, 0), min(cy + 2, mask.shape[0])):
+                for nx in range(max(cx - 1, 0), min(cx + 2, mask.shape[1])):
+                    if mask[ny, nx] and not seen[ny, nx]:
+                        seen[ny, nx] = True
+                        queue.append((ny, nx))
+        ys, xs = zip(*pixels)
+        out.append((len(pixels), (int(min(xs)), int(min(ys)), int(max(xs)), int(max(ys)))))
+    return out
+
+
+def test_largest_component_box_matches_bfs():
+    assert ev.largest_component_box(np.zeros((5, 5), bool)) is None
+    assert ev.largest_component_box(np.eye(6, dtype=bool)) == (0, 0, 5, 5)  # diagonal steps connect
+    rng = np.random.default_rng(0)
+    for _ in range(40):
+        mask = rng.random((int(rng.integers(1, 25)), int(rng.integers(1, 25)))) < rng.uniform(0.2, 0.6)
+        components = _bfs_components(mask)
+        if not components:
+            assert ev.largest_component_box(mask) is None
+            continue
+        largest = max(a for a, _ in components)
+        assert ev.largest_component_box(mask) in {box for a, box in components if a == largest}
+
+
+def test_cam_box_on_synthetic_maps():
+    cam = torch.full((32, 32), 0.1)
+    cam[5:10, 20:30] = 1.0  # 50 pixels
+    cam[25:28, 2:6] = 0.9  # 12 pixels: above the threshold, but smaller
+    assert ev.cam_box(cam, 32) == (20, 5, 29, 9)  # same size: upsampling is the identity
+    up = ev.cam_box(cam, 64)  # 2x: the region doubles, give or take the bilinear edge
+    assert abs(up[0] - 40) <= 1 and abs(up[1] - 10) <= 1 and abs(up[2] - 59) <= 1 and abs(up[3] - 19) <= 1
+    assert ev.cam_box(torch.ones(1, 1), 16) == (0, 0, 15, 15)  # constant map: no location, whole crop
+
+
+@pytest.mark.parametrize("width,height", [(150, 100), (97, 160), (123, 123), (500, 375)])
+def test_crop_box_maps_back_through_resize_and_crop(width, height):
+    g = ev.eval_geometry(width, height, IMAGE_SIZE)
+    image = torch.zeros(3, height, width, dtype=torch.uint8)
+    assert v2.Resize(int(IMAGE_SIZE / 0.875), antialias=True)(image).shape[1:] == (g.resized_height, g.resized_width)
+    x0, y0, x1, y1 = width // 3, height // 3, width // 2, 2 * height // 3  # inside the centre crop
+    image[:, y0:y1 + 1, x0:x1 + 1] = 255
+    crop = eval_transform(IMAGE_SIZE)(image)
+    ys, xs = torch.nonzero(crop[0] > 127, as_tuple=True)
+    back = ev.crop_box_to_original((xs.min().item(), ys.min().item(), xs.max().item(), ys.max().item()), g)
+    tol = max(width / g.resized_width, height / g.resized_height) + 1
+    assert all(abs(a - b) <= tol for a, b in zip(back, (x0, y0, x1, y1))), (back, (x0, y0, x1, y1))
+    whole = ev.crop_box_to_original((0, 0, IMAGE_SIZE - 1, IMAGE_SIZE - 1), g)
+    assert 0 <= whole[0] <= whole[2] <= width - 1 and 0 <= whole[1] <= whole[3] <= height - 1
+
+
+def test_iou_and_localization_error_by_hand():
+    assert ev.box_iou((0, 0, 9, 9), (0, 0, 9, 9)) == 1.0
+    assert ev.box_iou((0, 0, 9, 9), (5, 0, 14, 9)) == pytest.approx(50 / 150)
+    assert ev.box_iou((0, 0, 9, 9), (10, 0, 19, 9)) == 0.0
+    gt = [[1, 0, 0, 9, 9]]
+    half = (0, 0, 9, 19)  # IoU with the gt box: 100 / 200 = 0.5 exactly, which counts
+    records = [
+        {"label": 1, "gt_boxes": gt, "classes": [0, 2, 1], "boxes": [[0, 0, 9, 9], [0, 0, 9, 9], [0, 0, 9, 10]]},
+        {"label": 1, "gt_boxes": gt, "classes": [1, 0, 2], "boxes": [[5, 0, 14, 9], [0, 0, 9, 9], [0, 0, 9, 9]]},
+        {"label": 1, "gt_boxes": gt, "classes": [0, 2, 3], "boxes": [[0, 0, 9, 9]] * 3},
+        {"label": 1, "gt_boxes": gt, "classes": [1, 0, 2], "boxes": [list(half), [0, 0, 1, 1], [0, 0, 1, 1]]},
+        {"label": 1, "gt_boxes": [], "classes": [1, 0, 2], "boxes": [[0, 0, 9, 9]] * 3},  # no boxes: left out
+    ]
+    # 1: class at guess 3, IoU 100/110 -> top-5 correct, top-1 wrong. 2: right class, IoU 1/3 -> wrong.
+    # 3: right box, wrong classes -> wrong. 4: first guess, IoU 0.5 -> correct.
+    out = ev.localization_summary(records)
+    assert out["images"] == 4 and out["images_without_boxes_or_label"] == 1
+    assert out["top5_localization_error"] == 2 / 4 and out["top1_localization_error"] == 3 / 4
+    assert out["top5_classification_error"] == 1 / 4 and out["top1_classification_error"] == 2 / 4
+
+
+@pytest.mark.parametrize("name,kwargs", [("googlenet", {}), ("resnet50", {}), ("se_resnet50", {})])
+def test_cam_is_exact_for_gap_heads(name, kwargs):
+    """logit_c = mean over positions of CAM_c + bias: the feature map is the one right before GAP."""
+    torch.manual_seed(0)
+    model = get_model(name, num_classes=NUM_CLASSES, **kwargs).eval()
+    x = torch.randn(2, 3, 64, 64)
+    logits, features = ev.cam_forward(model, x)
+    with torch.no_grad():
+        assert torch.allclose(logits, model(x), atol=1e-5)
+    head = ev.cam_head(model)[1]
+    classes = torch.arange(NUM_CLASSES).expand(2, -1)
+    cams = ev.class_activation_maps(features, head.weight, classes)
+    assert torch.allclose(cams.mean((2, 3)) + head.bias, logits, atol=1e-4)
+
+
+def test_alexnet_gets_whole_image_boxes():
+    model = get_model("alexnet", num_classes=NUM_CLASSES).eval()
+    assert ev.cam_head(model) is None
+    image = torch.randint(0, 255, (3, 90, 120), dtype=torch.uint8)
+    [pred] = ev.predict_batch(model, [image], IMAGE_SIZE, ev.CAM_THRESHOLD)
+    assert pred["boxes"] == [[0, 0, 119, 89]] * NUM_CLASSES and len(pred["classes"]) == NUM_CLASSES
+
+
+# -- jobs.predict -------------------------------------------------------------------------------------------------
+
+def _read_submission(path: Path) -> list[tuple[str, list[list[str]]]]:
+    with open(path) as f:
+        rows = list(csv.reader(f))
+    assert rows[0] == ["ImageId", "PredictionString"]
+    out = []
+    for key, text in rows[1:]:
+        parts = text.split()
+        assert len(parts) % 5 == 0 and 0 < len(parts) // 5 <= 5
+        out.append((key, [parts[i:i + 5] for i in range(0, len(parts), 5)]))
+    return out
+
+
+def test_predict_test_split_id_labels(dataset, run, tmp_path):
+    out = tmp_path / "submission.csv"
+    assert predict_job.main(["--checkpoint", str(run), "--split", "test", "--out", str(out), "--batch-size", "2"]) == 0
+    rows = _read_submission(out)
+    keys = sorted(p.stem for p in (dataset / "raw/ILSVRC/Data/CLS-LOC/test").iterdir())
+    assert [k for k, _ in rows] == keys
+    for key, guesses in rows:
+        width, height = Image.open(dataset / f"raw/ILSVRC/Data/CLS-LOC/test/{key}.JPEG").size
+        assert len({g[0] for g in guesses}) == len(guesses)
+        for label, *box in guesses:
+            assert 1 <= int(label) <= NUM_CLASSES
+            x0, y0, x1, y1 = map(int, box)
+            assert 0 <= x0 <= x1 <= width - 1 and 0 <= y0 <= y1 <= height - 1
+    summary = json.loads(out.with_suffix(".json").read_text())
+    assert summary["kind"] == "predict" and summary["localization"] is None and summary["images"] == len(keys)
+
+
+def test_predict_val_localization_error(dataset, run, tmp_path):
+    out = tmp_path / "val.csv"
+    assert predict_job.main(["--checkpoint", str(run), "--split", "val", "--out", str(out),
+                             "--label-format", "wnid"]) == 0
+    wnids = [line.split()[0] for line in (dataset / "raw/LOC_synset_mapping.txt").read_text().splitlines()]
+    truth = _val_truth(dataset)
+    wrong = 0
+    for key, guesses in _read_submission(out):
+        label, boxes = truth[key]
+        assert all(g[0] in wnids for g in guesses)
+        ok = any(wnids.index(g[0]) == label and
+                 any(c == label and ev.box_iou(tuple(map(int, g[1:])), b) >= 0.5 for c, b in boxes)
+                 for g in guesses)
+        wrong += not ok
+    summary = json.loads(out.with_suffix(".json").read_text())
+    assert summary["localization"]["images"] == len(truth)
+    assert summary["localization"]["top5_localization_error"] == wrong / len(truth)
+    assert "class activation maps" in summary["boxes"]
+
+
+@pytest.mark.slow
+def test_predict_over_ray_tasks_matches_in_process(dataset, run, ray_local, monkeypatch):
+    ck = ev.read_checkpoint(str(run))
+    kw = dict(batch_size=2, image_size=IMAGE_SIZE)
+    monkeypatch.chdir(dataset)  # a relative data URL must reach the Ray workers as an absolute one
+    local = ev.run_predictions(ck, "shards", "test", workers=1, **kw)
+    spread = ev.run_predictions(ck, "shards", "test", workers=2, **kw)
+    assert [r["key"] for r in spread] == [r["key"] for r in local]
+    for a, b in zip(local, spread):
+        assert a["classes"] == b["classes"] and a["boxes"] == b["boxes"]
+
+
+# -- jobs.report --------------------------------------------------------------------------------------------------
+
+def test_report_writes_page_and_chart(dataset, tmp_path):
+    a, b = tmp_path / "runs/se_googlenet", tmp_path / "runs/googlenet"
+    for folder, top1 in ((a, 0.6), (b, 0.4)):
+        folder.mkdir(parents=True)
+        records = [{"kind": "train", "step": s, "loss": 1.1 - s / 100, "lr": 0.1, "images_per_s": 50.0}
+                   for s in range(1, 30, 5)]
+        records += [{"kind": "eval", "epoch": e, "step": 10 * e, "val_top1": top1 * e / 3, "val_top5": 1.0,
+                     "val_loss": 1.0, "val_samples": 12} for e in (1, 2, 3)]
+        (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    (a / "summary.json").write_text(json.dumps({"model": "se_googlenet", "strategy": "ddp", "world_size": 2,
+                                                "epochs": 3, "best_top1": 0.6, "best_top5": 1.0}))
+    (a / "results.json").write_text(json.dumps({"kind": "evaluate", "model": "se_googlenet",
+                                                "centre": {"top1": 0.5, "top5": 0.9}, "ten_crop": None}))
+    (b / "config.yaml").write_text(dump_yaml(load_config(None, ["model.name=googlenet", "run.num_workers=4"])))
+    (a / "val.json").write_text(json.dumps({"kind": "predict", "localization": {"top5_localization_error": 0.25}}))
+    out = tmp_path / "report"
+    assert report_job.main([str(a), str(b), "--out", str(out)]) == 0
+    page = (out / "report.md").read_text()
+    row_a = next(line for line in page.splitlines() if line.startswith("| se_googlenet |"))
+    assert "60.00" in row_a and "50.00" in row_a and "25.00" in row_a and "centre crop" in row_a
+    row_b = next(line for line in page.splitlines() if line.startswith("| googlenet |"))
+    assert "40.00" in row_b and "| googlenet | ddp | 4 |" in row_b  # no summary.json: metrics.jsonl, config.yaml
+    for text in ("2012", "SuperVision", "2017", "SENet", "image-net.org", "SENet-154", "report.png"):
+        assert text in page
+    assert (out / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
