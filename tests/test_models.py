@@ -147,7 +147,7 @@ def test_summary_matches_torchvision_metadata(name, weights):
 
 def test_se_googlenet_without_se_is_torchvision_googlenet():
     torch.manual_seed(0)
-    ours = get_model("se_googlenet", se_placement=None).eval()
+    ours = get_model("se_googlenet", se_placement=None, init="torchvision").eval()
     torch.manual_seed(0)
     reference = torchvision.models.googlenet(weights=None, aux_logits=True, init_weights=True, transform_input=False).eval()
     ours_sd, ref_sd = ours.state_dict(), reference.state_dict()
@@ -302,3 +302,17 @@ def test_cli_list_and_table(capsys):
 def test_cli_rejects_unknown_model():
     with pytest.raises(SystemExit):
         cli_main(["summary", "vgg16"])
+
+
+@pytest.mark.parametrize("name", ["googlenet", "se_googlenet"])
+def test_googlenet_convs_start_at_he_scale(name):
+    """torchvision's std-0.01 conv init behind BN makes every step a huge relative change (stuck at chance on the
+    sample set); ours uses He init for the convolutions, keeping the SE layers and classifiers small."""
+    torch.manual_seed(0)
+    model = get_model(name, num_classes=10)
+    conv = model.inception4a.branch2[1].conv
+    fan_out = conv.out_channels * conv.kernel_size[0] * conv.kernel_size[1]
+    assert conv.weight.std().item() == pytest.approx((2 / fan_out) ** 0.5, rel=0.1)
+    assert model.fc.weight.std().item() < 0.02  # logits start near zero
+    legacy = get_model(name, num_classes=10, init="torchvision")
+    assert legacy.conv1.conv.weight.std().item() < 0.02
