@@ -42,6 +42,8 @@ class DataConfig:
     eval_batch_size: int = 128
     loader_workers: int = 4
     shuffle_buffer: int = 2000
+    # RandomResizedCrop's area range; (0.08, 1) is the Inception/torchvision default for ImageNet.
+    crop_scale: list = field(default_factory=lambda: [0.08, 1.0])
     # None, "randaugment" or "trivialaugment" (torchvision references' --auto-augment).
     auto_augment: str | None = None
     # Above this fraction of undecodable images the run stops with the offending keys.
