@@ -176,7 +176,7 @@ def bench_s3(jpegs: list[bytes], rounds: int) -> dict:
         result["s3_stream_speedup"] = round(best["s3_shard_stream_raw"] / best["s3_per_file_get"], 1)
         return result
     finally:
-        server.stop()
+        server.close()
         for k, v in saved.items():
             if v is None:
                 os.environ.pop(k, None)

@@ -1,7 +1,15 @@
-"""Checks before any worker starts, so a bad setting fails in seconds with a clear message, not after an hour."""
+"""Checks before any worker starts, so a bad setting fails in seconds with a clear message, not after an hour.
+
+Storage (reachable, bucket present, writable), a resumed run's settings (those its checkpoints depend on),
+data (index readable, splits present, class count matching the model), resources (GPUs and CPUs a local Ray
+can give) and the DeepSpeed config (validated offline with DeepSpeed's own `DeepSpeedConfig`, plus a check
+that it reads every top-level key).
+"""
 from __future__ import annotations
 
 import uuid
+
+import yaml
 
 from data import read_index
 from distributed.config import Config, ConfigError
@@ -13,10 +21,19 @@ class PreflightError(RuntimeError):
 
 
 def check_storage(run_uri: str) -> None:
-    """The run folder must be writable: write, read back and delete a probe file."""
-    run = RunFolder(run_uri)
+    """The bucket must exist and the run folder be writable: write, read back and delete a probe file."""
+    run = RunFolder(run_uri, attempts=1)  # fail fast: the client's own retries are enough for a probe
     name = f".preflight-{uuid.uuid4().hex[:8]}"
     try:
+        if not run._local:
+            bucket = run.path.split("/", 1)[0]
+            # fsspec's makedirs would create a missing bucket (s3fs does): a typo must not make a new bucket.
+            # info(), not exists(): exists() says False for an unreachable endpoint too.
+            try:
+                run.fs.info(bucket)
+            except FileNotFoundError:
+                raise PreflightError(f"storage {run_uri}: bucket '{bucket}' does not exist (or these credentials "
+                                     "cannot see it); create it or fix run.storage_path") from None
         run.write_text(name, "ok")
         if run.read_text(name) != "ok":
             raise PreflightError(f"storage {run_uri}: a probe file read back differently")
@@ -24,12 +41,61 @@ def check_storage(run_uri: str) -> None:
     except PreflightError:
         raise
     except Exception as e:  # noqa: BLE001 -- any storage failure is reported with its URL
-        raise PreflightError(f"storage {run_uri} is not writable ({type(e).__name__}: {e}); "
-                             "check run.storage_path, the bucket name and credentials") from e
+        raise PreflightError(f"storage {run_uri} is not reachable or not writable ({type(e).__name__}: {e}); "
+                             "check run.storage_path, the endpoint, the bucket name and credentials") from e
 
 
-def check_data(cfg: Config) -> None:
-    index = read_index(cfg.data.url)
+def _setting(tree: dict, dotted: str):
+    section, key = dotted.split(".")
+    return tree.get(section, {}).get(key)
+
+
+def check_resume_settings(cfg: Config, run_uri: str) -> None:
+    """A run with checkpoints resumes from them: the settings their state depends on must not change.
+
+    Compared with the run folder's config.yaml, which the previous launch wrote (this one writes it later).
+    """
+    run = RunFolder(run_uri, attempts=1)
+    if not run.exists("config.yaml") or not run.fs.glob(f"{run.path}/checkpoint_*"):
+        return
+    saved = yaml.safe_load(run.read_text("config.yaml")) or {}
+    keys = ["model.name", "model.kwargs", "optim.name", "strategy.name", "strategy.zero_stage"]
+    if cfg.strategy.name == "deepspeed":
+        keys.append("run.num_workers")  # ZeRO shards are per rank (another world size needs universal checkpoints)
+    now = cfg.to_dict()
+    changed = [f"{k}: {_setting(saved, k)!r} -> {_setting(now, k)!r}" for k in keys
+               if _setting(saved, k) != _setting(now, k)]
+    if changed:
+        raise PreflightError(f"run {run_uri} has checkpoints written with other settings ({'; '.join(changed)}); "
+                             "resume it with its own settings, or start a new run.name")
+
+
+def model_kwargs(cfg: Config, num_classes: int, data_url: str) -> dict:
+    """get_model's keyword arguments: model.kwargs plus num_classes from the data index, which must agree."""
+    given = cfg.model.kwargs.get("num_classes")
+    if given is not None and given != num_classes:
+        raise ConfigError(f"model.kwargs.num_classes={given} but the data index {data_url} has {num_classes} "
+                          "classes; remove model.kwargs.num_classes (it is taken from the index) or fix data.url")
+    return {**cfg.model.kwargs, "num_classes": num_classes}
+
+
+def check_model(cfg: Config, num_classes: int) -> None:
+    """Build the model on the meta device (no memory, no compute): a bad name or argument fails here."""
+    import torch
+
+    from models import get_model
+
+    kwargs = model_kwargs(cfg, num_classes, cfg.data.url)
+    try:
+        with torch.device("meta"):
+            get_model(cfg.model.name, **kwargs)
+    except (KeyError, TypeError, ValueError) as e:
+        raise ConfigError(f"model.name={cfg.model.name!r} with model.kwargs={cfg.model.kwargs}: {e}") from e
+
+
+def check_data(cfg: Config) -> int:
+    """The index must be readable with non-empty train and val splits; returns its number of classes."""
+    index = read_index(cfg.data.url)  # ShardIndexError names the URL and what is wrong
     for split in ("train", "val"):
         if split not in index.splits or index.splits[split].samples == 0:
             raise PreflightError(f"data index {cfg.data.url}: split '{split}' is missing or empty; "
@@ -38,24 +104,88 @@ def check_data(cfg: Config) -> None:
     if per_rank < cfg.data.batch_size:
         raise ConfigError(f"data.batch_size={cfg.data.batch_size} is larger than the {per_rank} training samples "
                           f"each of the {cfg.run.num_workers} workers gets from {cfg.data.url}")
+    return len(index.classes)
 
 
 def check_resources(cfg: Config, local: bool) -> None:
+    """A local Ray cannot grow: asking it for more GPUs or CPUs than it has would wait forever."""
     import ray
 
-    if not cfg.run.use_gpu:
-        return
-    gpus = ray.cluster_resources().get("GPU", 0)
-    if local and gpus < cfg.run.num_workers:
+    have = ray.cluster_resources()
+    gpus = have.get("GPU", 0)
+    if cfg.run.use_gpu and local and gpus < cfg.run.num_workers:
         raise PreflightError(f"run.use_gpu=true with run.num_workers={cfg.run.num_workers}, but this Ray has "
                              f"{gpus:g} GPUs; set run.use_gpu=false or run on a GPU cluster")
-    if gpus == 0:
+    if cfg.run.use_gpu and gpus == 0:
         print(f"note: the cluster has no GPU yet; waiting for the autoscaler to add {cfg.run.num_workers}", flush=True)
+    cpus = cfg.run.num_workers * cfg.run.cpus_per_worker
+    if local and have.get("CPU", 0) < cpus:
+        raise PreflightError(f"run.num_workers={cfg.run.num_workers} x run.cpus_per_worker={cfg.run.cpus_per_worker}"
+                             f" needs {cpus} CPUs, but this Ray has {have.get('CPU', 0):g}; lower them")
+    if cfg.strategy.precision == "fp16" and not cfg.run.use_gpu:
+        raise ConfigError("strategy.precision=fp16 needs run.use_gpu=true; use bf16 or fp32 on CPU")
+
+
+class _ReadTracking(dict):
+    """A dict that records which keys were looked up (DeepSpeed reads its config with get/[]/in)."""
+
+    def __init__(self, *args, seen: set | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.seen = set() if seen is None else seen
+
+    def __getitem__(self, key):
+        self.seen.add(key)
+        return super().__getitem__(key)
+
+    def get(self, key, default=None):
+        self.seen.add(key)
+        return super().get(key, default)
+
+    def __contains__(self, key):
+        self.seen.add(key)
+        return super().__contains__(key)
+
+    def __copy__(self):
+        return _ReadTracking(self, seen=self.seen)
+
+
+def check_deepspeed(cfg: Config) -> None:
+    """Validate the generated DeepSpeed config offline, as DeepSpeed would at `deepspeed.initialize`.
+
+    DeepSpeedConfig runs without a process group (it then assumes world size 1), so train_batch_size is
+    divided by the world size first; its checks then equal those on the cluster. Top-level keys it never
+    reads are rejected too: DeepSpeed would ignore a misspelt key silently.
+    """
+    from deepspeed.runtime.config import DeepSpeedConfig
+
+    from distributed.strategies import deepspeed_config
+
+    ds = deepspeed_config(cfg)
+    world = cfg.run.num_workers
+    offline = dict(ds)
+    if "train_batch_size" in ds:
+        tbs = ds["train_batch_size"]
+        if not isinstance(tbs, int) or tbs % world:
+            raise ConfigError(f"strategy.deepspeed.train_batch_size={tbs!r} must be a multiple of "
+                              f"run.num_workers={world} (micro batch x accumulation steps x world size)")
+        offline["train_batch_size"] = tbs // world
+    tracked = _ReadTracking(offline)
+    try:
+        DeepSpeedConfig(tracked)
+    except Exception as e:  # noqa: BLE001 -- DeepSpeed raises AssertionError, ValueError, pydantic errors...
+        raise ConfigError(f"DeepSpeed rejects the config built from strategy.* ({type(e).__name__}: {e}); "
+                          "see https://www.deepspeed.ai/docs/config-json/") from e
+    unread = sorted(set(ds) - tracked.seen)
+    if unread:
+        raise ConfigError(f"strategy.deepspeed: DeepSpeed does not know the top-level key(s) {', '.join(unread)} "
+                          "(it would ignore them); see https://www.deepspeed.ai/docs/config-json/")
 
 
 def preflight(cfg: Config, run_uri: str, local: bool = True) -> None:
     check_storage(run_uri)
-    check_data(cfg)
+    check_resume_settings(cfg, run_uri)
+    num_classes = check_data(cfg)
+    check_model(cfg, num_classes)
     check_resources(cfg, local)
     if cfg.strategy.name == "deepspeed":
-        import deepspeed  # noqa: F401 -- a broken install fails here, not in every worker
+        check_deepspeed(cfg)  # imports deepspeed: a broken install fails here, not in every worker

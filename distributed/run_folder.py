@@ -1,7 +1,12 @@
 """The run folder `{storage_path}/{name}/` beside Ray's checkpoints: config, metrics.jsonl, TensorBoard, summary.
 
 Written through fsspec, so it works on a local path, s3:// or gs://. Object stores cannot append, so each
-file is rewritten whole under a temporary name and then moved over the final one.
+file is rewritten whole under a temporary name and then moved over the final one. On object stores every
+operation is retried with exponential backoff (1, 2, 4, 8, 8 s) on top of the client's own retries, so a
+storage outage of tens of seconds delays the run instead of failing it; a missing file or a refused
+permission is an answer, not an outage, and is not retried.
+
+`storage_filesystem` gives Ray Train's checkpoint uploads the same patience (pyarrow's S3 client).
 """
 from __future__ import annotations
 
@@ -9,10 +14,71 @@ import json
 import os
 import shutil
 import tempfile
+import time
 import uuid
 
 import fsspec
+import pyarrow.fs as pafs
 from fsspec.implementations.local import LocalFileSystem
+
+
+STORAGE_ATTEMPTS = 6  # backoff 1+2+4+8+8 = 23 s between attempts
+RETRY_BASE_S = 1.0
+RETRY_MAX_S = 8.0
+# Errors that are answers, not outages (s3fs maps NoSuchKey/AccessDenied to the first two).
+FINAL_ERRORS = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError, FileExistsError)
+
+
+def retry(fn, what: str, attempts: int = STORAGE_ATTEMPTS):
+    """Call fn(); on a transient error wait 1, 2, 4, 8, 8 s and call again, up to `attempts` calls in all."""
+    for attempt in range(1, attempts + 1):
+        try:
+            return fn()
+        except FINAL_ERRORS:
+            raise
+        except Exception as e:  # noqa: BLE001 -- network and storage errors come in many types (botocore, aiohttp)
+            if attempt == attempts:
+                raise
+            delay = min(RETRY_BASE_S * 2 ** (attempt - 1), RETRY_MAX_S)
+            print(f"storage: {what} failed ({type(e).__name__}: {str(e)[:200]}); retry {attempt}/{attempts - 1} "
+                  f"in {delay:g} s", flush=True)
+            time.sleep(delay)
+
+
+S3_MAX_ATTEMPTS = 10  # AWS "default" strategy: 25 ms x 2^n between attempts, about 25 s in all
+
+
+class RetryingS3FileSystem(pafs.S3FileSystem):
+    """pyarrow's S3FileSystem with AWS's default retry strategy, which survives pickling.
+
+    pyarrow's own pickling drops retry_strategy, and Ray pickles the storage filesystem to every worker, where
+    checkpoints are uploaded.
+    """
+
+    def __init__(self, max_attempts: int, **options):
+        super().__init__(retry_strategy=pafs.AwsDefaultS3RetryStrategy(max_attempts=max_attempts), **options)
+        self.max_attempts = max_attempts
+
+    def __reduce__(self):
+        return _retrying_s3, (self.max_attempts, super().__reduce__()[1][0])
+
+
+def _retrying_s3(max_attempts: int, options: dict) -> RetryingS3FileSystem:
+    return RetryingS3FileSystem(max_attempts, **options)
+
+
+def storage_filesystem(uri: str) -> tuple[pafs.FileSystem | None, str]:
+    """(filesystem, path) for Ray Train's RunConfig: s3:// gets an S3 client that retries with backoff.
+
+    pyarrow's default S3 client tries 3 times (AWS "standard" strategy) and gave up about 6 s into an outage
+    here; with `S3_MAX_ATTEMPTS` it rode out 10 s. Other URLs and local paths: (None, uri), Ray resolves them.
+    """
+    if not uri.startswith("s3://"):
+        return None, uri
+    # from_uri resolves the region and reads the endpoint from the environment and the URI's query string.
+    base, path = pafs.FileSystem.from_uri(uri)
+    options = base.__reduce__()[1][0]  # its settings; credentials only if given explicitly, else None
+    return RetryingS3FileSystem(S3_MAX_ATTEMPTS, **options), path
 
 
 def join(base: str, *parts: str) -> str:
@@ -25,31 +91,42 @@ def storage_uri(storage_path: str) -> str:
 
 
 class RunFolder:
-    def __init__(self, uri: str):
+    """Files of one run; on object stores each operation is retried (`attempts` calls at most)."""
+
+    def __init__(self, uri: str, attempts: int = STORAGE_ATTEMPTS):
         self.uri = uri.rstrip("/")
         self.fs, self.path = fsspec.core.url_to_fs(self.uri)
         self._local = isinstance(self.fs, LocalFileSystem)
+        self.attempts = 1 if self._local else attempts
+
+    def _retry(self, fn, what: str):
+        return retry(fn, f"{what} {self.uri}", self.attempts)
 
     def url(self, name: str) -> str:
         return join(self.uri, name)
 
     def exists(self, name: str) -> bool:
-        return self.fs.exists(join(self.path, name))
+        return self._retry(lambda: self.fs.exists(join(self.path, name)), f"checking {name} in")
 
     def write_text(self, name: str, text: str) -> None:
-        final = join(self.path, name)
-        tmp = join(self.path, f".{name}.{uuid.uuid4().hex[:8]}.tmp")
-        self.fs.makedirs(self.path, exist_ok=True)
-        with self.fs.open(tmp, "w") as f:
-            f.write(text)
-        self.fs.mv(tmp, final)
+        def write():
+            tmp = join(self.path, f".{name}.{uuid.uuid4().hex[:8]}.tmp")
+            self.fs.makedirs(self.path, exist_ok=True)
+            with self.fs.open(tmp, "w") as f:
+                f.write(text)
+            self.fs.mv(tmp, join(self.path, name))
+
+        self._retry(write, f"writing {name} to")
 
     def read_text(self, name: str) -> str | None:
-        try:
-            with self.fs.open(join(self.path, name), "r") as f:
-                return f.read()
-        except FileNotFoundError:
-            return None
+        def read():
+            try:
+                with self.fs.open(join(self.path, name), "r") as f:
+                    return f.read()
+            except FileNotFoundError:
+                return None
+
+        return self._retry(read, f"reading {name} from")
 
     def read_jsonl(self, name: str) -> list[dict]:
         text = self.read_text(name) or ""
@@ -59,10 +136,13 @@ class RunFolder:
         self.write_text(name, "".join(json.dumps(r) + "\n" for r in records))
 
     def put_file(self, local_path: str, name: str) -> None:
-        self.fs.makedirs(self.path, exist_ok=True)
-        tmp = join(self.path, f".{name}.{uuid.uuid4().hex[:8]}.tmp")
-        self.fs.put_file(local_path, tmp)
-        self.fs.mv(tmp, join(self.path, name))
+        def put():
+            self.fs.makedirs(self.path, exist_ok=True)
+            tmp = join(self.path, f".{name}.{uuid.uuid4().hex[:8]}.tmp")
+            self.fs.put_file(local_path, tmp)
+            self.fs.mv(tmp, join(self.path, name))
+
+        self._retry(put, f"uploading {name} to")
 
     def local_dir(self, name: str) -> str:
         """A local directory for `name`: the run folder itself when local, else a temp dir to `sync_dir` later."""
@@ -79,7 +159,8 @@ class RunFolder:
         for root, _, files in os.walk(local):
             for f in files:
                 rel = os.path.relpath(os.path.join(root, f), local)
-                self.fs.put_file(os.path.join(root, f), join(self.path, name, rel))
+                src, dst = os.path.join(root, f), join(self.path, name, rel)
+                self._retry(lambda: self.fs.put_file(src, dst), f"uploading {name}/{rel} to")  # noqa: B023
 
 
 class MetricsLog:
@@ -98,7 +179,7 @@ class MetricsLog:
         self.records.append(record)
         kind, step = record["kind"], record["step"]
         for key, value in record.items():
-            if isinstance(value, (int, float)) and key not in ("step", "epoch"):
+            if isinstance(value, (int, float)) and key not in ("step", "epoch", "time"):
                 self.tb.add_scalar(f"{kind}/{key}", value, step)
 
     def flush(self) -> None:

@@ -1,6 +1,7 @@
 """The driver side: build Ray Train's TorchTrainer from a Config, run it, and write summary.json and curves.png."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import tempfile
@@ -10,13 +11,15 @@ import uuid
 from distributed.cluster import init_ray
 from distributed.config import Config, dump_yaml
 from distributed.loop import summarize_attempts, train_loop_per_worker
-from distributed.run_folder import RunFolder, join, storage_uri
+from distributed.run_folder import RunFolder, join, storage_filesystem, storage_uri
 
 
 def build_trainer(cfg: Config, run_uri: str, launch_id: str):
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    # s3://: a pyarrow S3 client that retries with backoff through storage outages (run_folder.storage_filesystem).
+    filesystem, storage_path = storage_filesystem(storage_uri(cfg.run.storage_path))
     resources = {"CPU": cfg.run.cpus_per_worker}
     if cfg.run.use_gpu:
         resources["GPU"] = 1
@@ -28,7 +31,8 @@ def build_trainer(cfg: Config, run_uri: str, launch_id: str):
                                      resources_per_worker=resources),
         run_config=RunConfig(
             name=cfg.run.name,
-            storage_path=storage_uri(cfg.run.storage_path),
+            storage_path=storage_path,
+            storage_filesystem=filesystem,
             # Keep the best by val top-1; Ray always keeps the latest too, so resume never goes back.
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.run.num_to_keep,
                                                checkpoint_score_attribute="val_top1",
@@ -45,6 +49,8 @@ def fit(cfg: Config) -> dict:
     from distributed.preflight import preflight
 
     where = init_ray(cfg.run.address)
+    # Workers do not run in the driver's directory: hand them absolute local paths.
+    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, url=storage_uri(cfg.data.url)))
     run_uri = join(storage_uri(cfg.run.storage_path), cfg.run.name)
     preflight(cfg, run_uri, local=where == "local")
     run = RunFolder(run_uri)

@@ -1,10 +1,15 @@
-"""Shared fixtures: a real S3 API server (moto, server mode) on 127.0.0.1 in its own process."""
+"""Shared fixtures: a real S3 API server (moto, server mode) on 127.0.0.1 in its own process, a session-wide
+local Ray on loopback, a tiny prepared dataset with a matching config, and a time limit for long tests."""
 from __future__ import annotations
 
+import atexit
+import contextlib
 import os
+import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 import uuid
@@ -12,7 +17,8 @@ import uuid
 import pytest
 
 S3_ENV = {
-    "AWS_ACCESS_KEY_ID": "testing",
+    # Distinctive fakes, so tests/test_security.py can search every output for them.
+    "AWS_ACCESS_KEY_ID": "AKIATESTKEYIDNEVERLOGGED",
     "AWS_SECRET_ACCESS_KEY": "testing-secret-never-logged",
     "AWS_DEFAULT_REGION": "us-east-1",
     # botocore >= 1.36 sends checksums by default; keep requests plain for the test server (s3fs#931).
@@ -28,26 +34,99 @@ def _free_port() -> int:
 
 
 class S3Server:
-    """A moto S3 server process on loopback; `stop()`/`start()` let chaos tests take it away and back."""
+    """A moto S3 server process on loopback behind a TCP proxy in this process, at `endpoint`.
+
+    `stop()`/`start()` take the endpoint away and back for chaos tests: stop closes the listening socket and cuts
+    every open connection (clients see "connection refused" or a reset, as in a storage outage), while moto and
+    the buckets' contents live on, as a real object store's do. `close()` ends the moto process; so does the exit
+    of the process that started it, whichever way it exits short of SIGKILL.
+    """
 
     def __init__(self) -> None:
         self.port = _free_port()
         self.endpoint = f"http://127.0.0.1:{self.port}"
         self.proc: subprocess.Popen | None = None
+        self._backend_port = _free_port()
+        self.backend_endpoint = f"http://127.0.0.1:{self._backend_port}"  # moto itself, reachable during stop()
+        self._listener: socket.socket | None = None
+        self._conns: set[socket.socket] = set()
+        self._lock = threading.Lock()
+        self._closed = False
 
     def start(self) -> None:
-        cmd = [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)]
+        if self._closed:
+            raise RuntimeError("S3Server.start() after close()")
+        if self.proc is None:
+            self._start_moto()
+            atexit.register(self.close)
+        if self._listener is None:
+            listener = socket.socket()
+            listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            listener.bind(("127.0.0.1", self.port))
+            listener.listen(128)
+            self._listener = listener
+            threading.Thread(target=self._accept, args=(listener,), daemon=True, name="s3-proxy").start()
+
+    def _start_moto(self) -> None:
+        backend = self.backend_endpoint
+        cmd = [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self._backend_port)]
         self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             try:
-                urllib.request.urlopen(self.endpoint + "/moto-api/", timeout=1)
+                urllib.request.urlopen(backend + "/moto-api/", timeout=1)
                 return
             except OSError:
                 time.sleep(0.1)
-        raise RuntimeError(f"moto server did not start on {self.endpoint}")
+        self.close()
+        raise RuntimeError(f"moto server did not start on {backend}")
+
+    def _accept(self, listener: socket.socket) -> None:
+        while True:
+            try:
+                client, _ = listener.accept()
+            except OSError:  # the listener was closed by stop()
+                return
+            try:
+                upstream = socket.create_connection(("127.0.0.1", self._backend_port), timeout=5)
+            except OSError:
+                client.close()
+                continue
+            upstream.settimeout(None)
+            with self._lock:
+                self._conns.update((client, upstream))
+            for src, dst in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pump, args=(src, dst), daemon=True).start()
+
+    def _pump(self, src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while data := src.recv(1 << 16):
+                dst.sendall(data)
+        except OSError:
+            pass
+        for s in (src, dst):
+            with contextlib.suppress(OSError):
+                s.shutdown(socket.SHUT_RDWR)
+            s.close()
+            with self._lock:
+                self._conns.discard(s)
 
     def stop(self) -> None:
+        """Storage outage: refuse new connections and reset the open ones; moto keeps its state."""
+        listener, self._listener = self._listener, None
+        if listener is not None:
+            with contextlib.suppress(OSError):
+                listener.shutdown(socket.SHUT_RDWR)  # wakes the accept() blocked on it (close alone does not)
+            listener.close()
+        with self._lock:
+            conns, self._conns = list(self._conns), set()
+        for s in conns:
+            with contextlib.suppress(OSError):
+                s.shutdown(socket.SHUT_RDWR)
+
+    def close(self) -> None:
+        self._closed = True
+        self.stop()
         if self.proc is not None:
             self.proc.terminate()
             self.proc.wait(timeout=10)
@@ -67,7 +146,7 @@ def s3_server():
     # Ray workers started from this process all read them).
     os.environ.update(S3_ENV, AWS_ENDPOINT_URL=server.endpoint)
     yield server
-    server.stop()
+    server.close()
     for k, v in saved.items():
         if v is None:
             os.environ.pop(k, None)
@@ -105,3 +184,55 @@ def ray_local(s3_server):
     init_ray(num_cpus=2)
     yield ray
     ray.shutdown()
+
+
+# -- a tiny training setup (as in tests/test_train_ray.py): 4 steps per epoch, 20-40 s per run on 2 cores --------
+
+TINY = ["data.image_size=32", "data.batch_size=8", "data.eval_batch_size=16", "data.loader_workers=1",
+        "schedule.epochs=2", "schedule.warmup_epochs=0.5", "run.checkpoint_every_steps=2", "run.log_every_steps=2"]
+
+
+@pytest.fixture(scope="session")
+def shards(tmp_path_factory):
+    """3 classes x 24 train images (one truncated, excluded by prepare) -> 35 per rank -> 4 steps/epoch."""
+    from data import make_sample, prepare_dataset
+
+    root = tmp_path_factory.mktemp("sample")
+    make_sample(str(root / "raw"), classes=3, per_class=24, val_per_class=8, test=4, seed=0)
+    prepare_dataset(str(root / "raw"), str(root / "shards"), shard_size=16, log=lambda s: None)
+    return str(root / "shards")
+
+
+def tiny_overrides(shards: str, storage: str, name: str, *extra: str) -> list[str]:
+    return [f"data.url={shards}", f"run.storage_path={storage}", f"run.name={name}", *TINY, *extra]
+
+
+@pytest.fixture(scope="session")
+def tiny_config():
+    """tiny_config(shards, storage, name, *overrides) -> Config: configs/demo.yaml shrunk by TINY."""
+    from distributed.config import load_config
+
+    def make(shards: str, storage: str, name: str, *extra: str):
+        return load_config("configs/demo.yaml", tiny_overrides(shards, storage, name, *extra))
+
+    return make
+
+
+@contextlib.contextmanager
+def _time_limit(seconds: float, what: str):
+    def on_alarm(signum, frame):
+        raise TimeoutError(f"{what} took more than {seconds:g} s")
+
+    previous = signal.signal(signal.SIGALRM, on_alarm)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+@pytest.fixture
+def time_limit():
+    """`with time_limit(120, "the run"):` raises TimeoutError in the test's thread past the limit (SIGALRM)."""
+    return _time_limit

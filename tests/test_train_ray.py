@@ -15,30 +15,10 @@ import pytest
 import torch
 
 from distributed import checkpoint as ckpt
-from distributed.config import load_config
 from distributed.run_folder import RunFolder
 from distributed.trainer import fit
 
 pytestmark = pytest.mark.slow
-
-TINY = ["data.image_size=32", "data.batch_size=8", "data.eval_batch_size=16", "data.loader_workers=1",
-        "schedule.epochs=2", "schedule.warmup_epochs=0.5", "run.checkpoint_every_steps=2", "run.log_every_steps=2"]
-
-
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory):
-    """3 classes x 24 train images (one truncated, excluded by prepare) -> 35 per rank -> 4 steps/epoch."""
-    from data import make_sample, prepare_dataset
-
-    root = tmp_path_factory.mktemp("sample")
-    make_sample(str(root / "raw"), classes=3, per_class=24, val_per_class=8, test=4, seed=0)
-    prepare_dataset(str(root / "raw"), str(root / "shards"), shard_size=16, log=lambda s: None)
-    return str(root / "shards")
-
-
-def config(shards, storage, name, *extra):
-    return load_config("configs/demo.yaml", [f"data.url={shards}", f"run.storage_path={storage}",
-                                             f"run.name={name}", *TINY, *extra])
 
 
 def load_final_state(run_uri: str, summary: dict, tmp_path) -> dict:
@@ -48,10 +28,10 @@ def load_final_state(run_uri: str, summary: dict, tmp_path) -> dict:
     return ckpt.load_state(local)  # verifies the manifest first
 
 
-def test_ddp_run_with_data_and_checkpoints_on_s3(ray_local, shards, s3_bucket, tmp_path):
+def test_ddp_run_with_data_and_checkpoints_on_s3(ray_local, tiny_config, shards, s3_bucket, tmp_path):
     fs = fsspec.filesystem("s3")
     fs.put(shards, f"{s3_bucket}/shards", recursive=True)
-    cfg = config(f"s3://{s3_bucket}/shards", f"s3://{s3_bucket}/runs", "ddp-s3")
+    cfg = tiny_config(f"s3://{s3_bucket}/shards", f"s3://{s3_bucket}/runs", "ddp-s3")
     summary = fit(cfg)
     assert summary["epochs"] == 2 and summary["steps"] == 8 and summary["failures_survived"] == 0
     assert summary["world_size"] == 2 and summary["params"] > 6_000_000
@@ -69,8 +49,8 @@ def test_ddp_run_with_data_and_checkpoints_on_s3(ray_local, shards, s3_bucket, t
     assert set(state) >= {"model", "optimizer", "scheduler", "scaler", "ema", "rng", "batch", "best_top1"}
 
 
-def test_deepspeed_zero2_bf16_run(ray_local, shards, tmp_path):
-    cfg = config(shards, str(tmp_path / "runs"), "zero2", "strategy.name=deepspeed", "strategy.zero_stage=2",
+def test_deepspeed_zero2_bf16_run(ray_local, tiny_config, shards, tmp_path):
+    cfg = tiny_config(shards, str(tmp_path / "runs"), "zero2", "strategy.name=deepspeed", "strategy.zero_stage=2",
                  "strategy.precision=bf16", "schedule.epochs=1")
     summary = fit(cfg)
     assert summary["steps"] == 4 and summary["strategy"] == "deepspeed"
@@ -81,22 +61,28 @@ def test_deepspeed_zero2_bf16_run(ray_local, shards, tmp_path):
         "bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt", "bf16_zero_pp_rank_1_mp_rank_00_optim_states.pt"]
 
 
-def test_interrupted_and_resumed_run_equals_uninterrupted(ray_local, shards, tmp_path):
+def test_interrupted_and_resumed_run_equals_uninterrupted(ray_local, tiny_config, shards, tmp_path):
     storage = str(tmp_path / "runs")
     det = ["run.deterministic=true"]
-    full = fit(config(shards, storage, "full", *det))
+    full = fit(tiny_config(shards, storage, "full", *det, "run.num_to_keep=10"))
     # First launch stops at step 5 (mid-epoch 2, after its checkpoint); the second launch of the same name resumes.
-    stopped = fit(config(shards, storage, "cut", *det, "run.stop_after_steps=5"))
+    stopped = fit(tiny_config(shards, storage, "cut", *det, "run.stop_after_steps=5"))
     assert stopped["steps"] == 4  # last completed evaluation; training itself reached step 5
-    resumed = fit(config(shards, storage, "cut", *det))
+    resumed = fit(tiny_config(shards, storage, "cut", *det))
     assert resumed["started_from"].startswith("run:checkpoint_0000000005")
     assert resumed["steps"] == 8 and resumed["failures_survived"] == 0
     a, b = load_final_state("", full, tmp_path), load_final_state("", resumed, tmp_path)
     for key in a["model"]:
         assert torch.equal(a["model"][key], b["model"][key]), key
     assert resumed["final_top1"] == full["final_top1"]
+    # resume_from starts a new run from another run's checkpoint: same position, same end.
+    forked = fit(tiny_config(shards, storage, "fork", *det,
+                        f"resume_from={os.path.join(storage, 'full', 'checkpoint_0000000004')}"))
+    assert forked["started_from"].startswith("resume_from=") and forked["steps"] == 8
+    c = load_final_state("", forked, tmp_path)
+    assert all(torch.equal(a["model"][k], c["model"][k]) for k in a["model"])
     # A finished run resubmitted under its name finishes at once instead of starting over.
-    again = fit(config(shards, storage, "cut", *det))
+    again = fit(tiny_config(shards, storage, "cut", *det))
     assert again["steps"] == 8 and again["started_from"].startswith("run:checkpoint_0000000008")
 
 
@@ -108,7 +94,7 @@ def _train_workers() -> list[psutil.Process]:
     return found
 
 
-def test_worker_sigkilled_mid_epoch_twice_and_run_finishes(ray_local, shards, tmp_path):
+def test_worker_sigkilled_mid_epoch_twice_and_run_finishes(ray_local, tiny_config, shards, tmp_path):
     storage = str(tmp_path / "runs")
     run = RunFolder(os.path.join(storage, "killed"))
     kills = []
@@ -128,7 +114,7 @@ def test_worker_sigkilled_mid_epoch_twice_and_run_finishes(ray_local, shards, tm
 
     thread = threading.Thread(target=killer, daemon=True)
     thread.start()
-    summary = fit(config(shards, storage, "killed", "run.max_failures=3", "run.log_every_steps=1",
+    summary = fit(tiny_config(shards, storage, "killed", "run.max_failures=3", "run.log_every_steps=1",
                          "schedule.epochs=3"))
     thread.join(timeout=5)
     assert len(kills) == 2, kills
