@@ -8,6 +8,7 @@ import tempfile
 import time
 import uuid
 
+from data import read_index
 from distributed.cluster import init_ray
 from distributed.config import Config, dump_yaml
 from distributed.loop import summarize_attempts, train_loop_per_worker
@@ -92,6 +93,8 @@ def build_summary(cfg: Config, run: RunFolder, result, launch_id: str, wall: flo
         "best_checkpoint": join(run.uri, os.path.basename(best_ckpts[0][0].path.rstrip("/")))
         if best_ckpts else checkpoint,
         "corrupt_images_skipped": (final["corrupt_val"] + final.get("corrupt_train", 0)) if final else 0,
+        # Undecodable files found by jobs.prepare: listed in bad_files.json beside the shards, never in them.
+        "bad_files_excluded_by_prepare": read_index(cfg.data.url).bad_files,
         "run_uri": run.uri,
     }
 
