@@ -69,31 +69,31 @@ def write_manifest(directory: str | Path, rank: int, world_size: int, writers: i
     return path
 
 
+def _read_manifest(root: Path, rank: int, writers: int) -> dict:
+    path = root / f"manifest.rank{rank}.json"
+    if not path.exists() and rank == 0:
+        raise CheckpointError(f"checkpoint {root}: no {path.name} (incomplete upload or not a checkpoint)")
+    if not path.exists():
+        raise CheckpointError(f"checkpoint {root}: {path.name} missing ({writers} ranks wrote this checkpoint)")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"checkpoint {root}: {path.name} is not valid JSON ({e})") from None
+
+
 def verify_checkpoint(directory: str | Path, writers: int | None = None) -> dict:
     """Check every manifest and every file it lists; return rank 0's manifest. Raises CheckpointError."""
     root = Path(directory)
-    first = root / "manifest.rank0.json"
-    if not first.exists():
-        raise CheckpointError(f"checkpoint {root}: no manifest.rank0.json (incomplete upload or not a checkpoint)")
-    try:
-        head = json.loads(first.read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"checkpoint {root}: manifest.rank0.json is not valid JSON ({e})") from None
+    head = _read_manifest(root, 0, 1)
     if head.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(f"checkpoint {root}: format_version {head.get('format_version')} != {FORMAT_VERSION}")
     writers = writers if writers is not None else head.get("writers", 1)
     for rank in range(writers):
-        mpath = root / f"manifest.rank{rank}.json"
-        if not mpath.exists():
-            raise CheckpointError(f"checkpoint {root}: {mpath.name} missing ({writers} ranks wrote this checkpoint)")
-        try:
-            manifest = json.loads(mpath.read_text())
-        except json.JSONDecodeError as e:
-            raise CheckpointError(f"checkpoint {root}: {mpath.name} is not valid JSON ({e})") from None
+        manifest = head if rank == 0 else _read_manifest(root, rank, writers)
         for name, meta in manifest["files"].items():
             path = root / name
             if not path.is_file():
-                raise CheckpointError(f"checkpoint {root}: {name} listed in {mpath.name} is missing")
+                raise CheckpointError(f"checkpoint {root}: {name} listed in manifest.rank{rank}.json is missing")
             size = path.stat().st_size
             if size != meta["bytes"]:
                 raise CheckpointError(f"checkpoint {root}: {name} has {size} bytes, manifest says {meta['bytes']}")
