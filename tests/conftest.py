@@ -137,21 +137,32 @@ class S3Server:
         urllib.request.urlopen(req, timeout=5)
 
 
-@pytest.fixture(scope="session")
-def s3_server():
+@contextlib.contextmanager
+def s3_environment():
+    """Start an S3Server and put its endpoint and keys in the environment; undo both on exit.
+
+    Endpoint and credentials come from the environment, as on a real cluster (s3fs, pyarrow and Ray workers
+    started from this process all read them). Also used by benchmarks/data_pipeline.py.
+    """
     server = S3Server()
     server.start()
     saved = {k: os.environ.get(k) for k in [*S3_ENV, "AWS_ENDPOINT_URL"]}
-    # Endpoint and credentials come from the environment, as on a real cluster (s3fs, pyarrow and
-    # Ray workers started from this process all read them).
     os.environ.update(S3_ENV, AWS_ENDPOINT_URL=server.endpoint)
-    yield server
-    server.close()
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
+    try:
+        yield server
+    finally:
+        server.close()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    with s3_environment() as server:
+        yield server
 
 
 @pytest.fixture
