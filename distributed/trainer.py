@@ -1,10 +1,9 @@
-"""The driver side: build Ray Train's TorchTrainer from a Config, run it, and write summary.json and curves.png."""
+"""The driver side: build Ray Train's TorchTrainer from a Config, run it, and write summary.json."""
 from __future__ import annotations
 
 import dataclasses
 import json
 import os
-import tempfile
 import time
 import uuid
 
@@ -63,7 +62,6 @@ def fit(cfg: Config) -> dict:
     result = build_trainer(cfg, run_uri, launch_id).fit()
     summary = build_summary(cfg, run, result, launch_id, time.time() - start)
     run.write_text("summary.json", json.dumps(summary, indent=2))
-    write_curves(run)
     return summary
 
 
@@ -97,28 +95,3 @@ def build_summary(cfg: Config, run: RunFolder, result, launch_id: str, wall: flo
         "bad_files_excluded_by_prepare": read_index(cfg.data.url).bad_files,
         "run_uri": run.uri,
     }
-
-
-def write_curves(run: RunFolder) -> None:
-    """curves.png: training loss per step, and val top-1/top-5 per epoch."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    records = run.read_jsonl("metrics.jsonl")
-    trains = [r for r in records if r["kind"] == "train"]
-    evals = [r for r in records if r["kind"] == "eval"]
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
-    ax1.plot([r["step"] for r in trains], [r["loss"] for r in trains])
-    ax1.set(xlabel="step", ylabel="training loss", title="loss")
-    for key, label in (("val_top1", "top-1"), ("val_top5", "top-5")):
-        ax2.plot([r["epoch"] for r in evals], [r[key] for r in evals], marker="o", label=label)
-    ax2.set(xlabel="epoch", ylabel="val accuracy", ylim=(0, 1), title="validation")
-    ax2.legend()
-    fig.tight_layout()
-    with tempfile.TemporaryDirectory() as d:
-        path = os.path.join(d, "curves.png")
-        fig.savefig(path, dpi=100)
-        run.put_file(path, "curves.png")
-    plt.close(fig)

@@ -15,8 +15,9 @@ import json
 import sys
 
 from distributed.checkpoint import CheckpointError
-from distributed.evaluation import (default_results_dir, evaluate_checkpoint, read_checkpoint, results_markdown,
-                                    write_results)
+from evaluation.checkpoints import read_checkpoint
+from evaluation.classify import evaluate_checkpoint
+from evaluation.report import default_results_dir, results_markdown, write_results
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

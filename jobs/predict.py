@@ -20,8 +20,9 @@ import fsspec
 from data import read_index
 from distributed.checkpoint import CheckpointError
 from distributed.cluster import init_ray
-from distributed.evaluation import (CAM_THRESHOLD, prediction_summary, read_checkpoint, run_predictions,
-                                    write_submission)
+from evaluation.checkpoints import read_checkpoint
+from evaluation.localize import CAM_THRESHOLD
+from evaluation.predict import prediction_summary, run_predictions, write_submission
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

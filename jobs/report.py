@@ -15,8 +15,8 @@ import sys
 
 import fsspec
 
-from distributed.evaluation import read_run, report_chart, report_markdown, run_row
 from distributed.run_folder import join
+from evaluation.report import read_run, report_chart, report_markdown, run_row
 
 CHART, PAGE = "report.png", "report.md"
 

@@ -31,8 +31,10 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     from distributed.trainer import fit
+    from evaluation.report import write_curves
 
     summary = fit(cfg)
+    write_curves(summary["run_uri"])
     print(json.dumps(summary))
     return 0
 

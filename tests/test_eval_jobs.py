@@ -1,4 +1,4 @@
-"""jobs.evaluate / jobs.predict / jobs.report and distributed/evaluation.py on a tiny prepared sample dataset.
+"""jobs.evaluate / jobs.predict / jobs.report and the evaluation package on a tiny prepared sample dataset.
 
 Checkpoints are written directly in the checkpoint format (no training); figures are checked against direct
 computations from the raw sample files, and the box geometry and scoring as units.
@@ -27,8 +27,9 @@ from data.prepare import prepare_dataset
 from data.sample import make_sample
 from data.transforms import eval_transform, normalize
 from distributed import checkpoint as ckpt
-from distributed import evaluation as ev
 from distributed.config import dump_yaml, load_config
+from evaluation import checkpoints, localize, report
+from evaluation import predict as prediction
 from jobs import evaluate as evaluate_job
 from jobs import predict as predict_job
 from jobs import report as report_job
@@ -144,8 +145,8 @@ def test_evaluate_matches_direct_computation(dataset, run, tmp_path):
 
 
 def test_evaluate_default_out_is_the_run_folder_and_bad_checkpoint_fails(run, tmp_path):
-    ck = ev.read_checkpoint(str(run / ckpt.checkpoint_dir_name(3)))
-    assert ck.step == 3 and ck.source == "model" and ev.default_results_dir(ck.url) == str(run)
+    ck = checkpoints.read_checkpoint(str(run / ckpt.checkpoint_dir_name(3)))
+    assert ck.step == 3 and ck.source == "model" and report.default_results_dir(ck.url) == str(run)
     broken = tmp_path / "checkpoint_0000000009"
     shutil.copytree(run / ckpt.checkpoint_dir_name(7), broken)
     with open(broken / "state.pt", "r+b") as f:
@@ -160,11 +161,11 @@ def test_checkpoint_from_s3(run, s3_bucket):
     fs = fsspec.filesystem("s3")
     fs.put(str(run / ckpt.checkpoint_dir_name(7)) + "/", f"{s3_bucket}/runs/demo/{ckpt.checkpoint_dir_name(7)}/",
            recursive=True)
-    ck = ev.read_checkpoint(f"s3://{s3_bucket}/runs/demo")  # a run folder: its newest checkpoint
+    ck = checkpoints.read_checkpoint(f"s3://{s3_bucket}/runs/demo")  # a run folder: its newest checkpoint
     assert ck.url == f"s3://{s3_bucket}/runs/demo/{ckpt.checkpoint_dir_name(7)}" and ck.step == 7
     expected = _model().state_dict()
     assert all(torch.equal(expected[k], v) for k, v in ck.weights.items()) and ck.weights.keys() == expected.keys()
-    assert ev.default_results_dir(ck.url) == os.getcwd()
+    assert report.default_results_dir(ck.url) == os.getcwd()
 
 
 DEEPSPEED_SCRIPT = textwrap.dedent("""
@@ -206,13 +207,13 @@ def test_deepspeed_checkpoint_loads(dataset, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "model" not in torch.load(out / "state.pt", weights_only=True)
     want = torch.load(expected, weights_only=True)
-    ck = ev.read_checkpoint(str(out))
+    ck = checkpoints.read_checkpoint(str(out))
     assert ck.source == "deepspeed module" and ck.cfg.strategy.name == "deepspeed"
     assert ck.weights.keys() == want.keys() and all(torch.equal(want[k], ck.weights[k]) for k in want)
-    rebuilt, source = ev.deepspeed_weights(out, zero_stage=1, precision="bf16")  # the zero_to_fp32 path
+    rebuilt, source = checkpoints.deepspeed_weights(out, zero_stage=1, precision="bf16")  # the zero_to_fp32 path
     assert source == "deepspeed zero_to_fp32"
     assert all(torch.equal(want[k], rebuilt[k].float()) for k in want if want[k].is_floating_point())
-    ev.build_inference_model(ck.cfg, ck.weights, NUM_CLASSES)  # strict: every key fits the architecture
+    checkpoints.build_inference_model(ck.cfg, ck.weights, NUM_CLASSES)  # strict: every key fits the architecture
 
 
 # -- boxes and scoring as units -------------------------------------------------------------------------------------
@@ -239,49 +240,49 @@ def _bfs_components(mask: np.ndarray) -> list[tuple[int, tuple]]:
 
 
 def test_largest_component_box_matches_bfs():
-    assert ev.largest_component_box(np.zeros((5, 5), bool)) is None
-    assert ev.largest_component_box(np.eye(6, dtype=bool)) == (0, 0, 5, 5)  # diagonal steps connect
+    assert localize.largest_component_box(np.zeros((5, 5), bool)) is None
+    assert localize.largest_component_box(np.eye(6, dtype=bool)) == (0, 0, 5, 5)  # diagonal steps connect
     rng = np.random.default_rng(0)
     for _ in range(40):
         mask = rng.random((int(rng.integers(1, 25)), int(rng.integers(1, 25)))) < rng.uniform(0.2, 0.6)
         components = _bfs_components(mask)
         if not components:
-            assert ev.largest_component_box(mask) is None
+            assert localize.largest_component_box(mask) is None
             continue
         largest = max(a for a, _ in components)
-        assert ev.largest_component_box(mask) in {box for a, box in components if a == largest}
+        assert localize.largest_component_box(mask) in {box for a, box in components if a == largest}
 
 
 def test_cam_box_on_synthetic_maps():
     cam = torch.full((32, 32), 0.1)
     cam[5:10, 20:30] = 1.0  # 50 pixels
     cam[25:28, 2:6] = 0.9  # 12 pixels: above the threshold, but smaller
-    assert ev.cam_box(cam, 32) == (20, 5, 29, 9)  # same size: upsampling is the identity
-    up = ev.cam_box(cam, 64)  # 2x: the region doubles, give or take the bilinear edge
+    assert localize.cam_box(cam, 32) == (20, 5, 29, 9)  # same size: upsampling is the identity
+    up = localize.cam_box(cam, 64)  # 2x: the region doubles, give or take the bilinear edge
     assert abs(up[0] - 40) <= 1 and abs(up[1] - 10) <= 1 and abs(up[2] - 59) <= 1 and abs(up[3] - 19) <= 1
-    assert ev.cam_box(torch.ones(1, 1), 16) == (0, 0, 15, 15)  # constant map: no location, whole crop
+    assert localize.cam_box(torch.ones(1, 1), 16) == (0, 0, 15, 15)  # constant map: no location, whole crop
 
 
 @pytest.mark.parametrize("width,height", [(150, 100), (97, 160), (123, 123), (500, 375)])
 def test_crop_box_maps_back_through_resize_and_crop(width, height):
-    g = ev.eval_geometry(width, height, IMAGE_SIZE)
+    g = localize.eval_geometry(width, height, IMAGE_SIZE)
     image = torch.zeros(3, height, width, dtype=torch.uint8)
     assert v2.Resize(int(IMAGE_SIZE / 0.875), antialias=True)(image).shape[1:] == (g.resized_height, g.resized_width)
     x0, y0, x1, y1 = width // 3, height // 3, width // 2, 2 * height // 3  # inside the centre crop
     image[:, y0:y1 + 1, x0:x1 + 1] = 255
     crop = eval_transform(IMAGE_SIZE)(image)
     ys, xs = torch.nonzero(crop[0] > 127, as_tuple=True)
-    back = ev.crop_box_to_original((xs.min().item(), ys.min().item(), xs.max().item(), ys.max().item()), g)
+    back = localize.crop_box_to_original((xs.min().item(), ys.min().item(), xs.max().item(), ys.max().item()), g)
     tol = max(width / g.resized_width, height / g.resized_height) + 1
     assert all(abs(a - b) <= tol for a, b in zip(back, (x0, y0, x1, y1))), (back, (x0, y0, x1, y1))
-    whole = ev.crop_box_to_original((0, 0, IMAGE_SIZE - 1, IMAGE_SIZE - 1), g)
+    whole = localize.crop_box_to_original((0, 0, IMAGE_SIZE - 1, IMAGE_SIZE - 1), g)
     assert 0 <= whole[0] <= whole[2] <= width - 1 and 0 <= whole[1] <= whole[3] <= height - 1
 
 
 def test_iou_and_localization_error_by_hand():
-    assert ev.box_iou((0, 0, 9, 9), (0, 0, 9, 9)) == 1.0
-    assert ev.box_iou((0, 0, 9, 9), (5, 0, 14, 9)) == pytest.approx(50 / 150)
-    assert ev.box_iou((0, 0, 9, 9), (10, 0, 19, 9)) == 0.0
+    assert localize.box_iou((0, 0, 9, 9), (0, 0, 9, 9)) == 1.0
+    assert localize.box_iou((0, 0, 9, 9), (5, 0, 14, 9)) == pytest.approx(50 / 150)
+    assert localize.box_iou((0, 0, 9, 9), (10, 0, 19, 9)) == 0.0
     gt = [[1, 0, 0, 9, 9]]
     half = (0, 0, 9, 19)  # IoU with the gt box: 100 / 200 = 0.5 exactly, which counts
     records = [
@@ -293,7 +294,7 @@ def test_iou_and_localization_error_by_hand():
     ]
     # 1: class at guess 3, IoU 100/110 -> top-5 correct, top-1 wrong. 2: right class, IoU 1/3 -> wrong.
     # 3: right box, wrong classes -> wrong. 4: first guess, IoU 0.5 -> correct.
-    out = ev.localization_summary(records)
+    out = prediction.localization_summary(records)
     assert out["images"] == 4 and out["images_without_boxes_or_label"] == 1
     assert out["top5_localization_error"] == 2 / 4 and out["top1_localization_error"] == 3 / 4
     assert out["top5_classification_error"] == 1 / 4 and out["top1_classification_error"] == 2 / 4
@@ -305,20 +306,20 @@ def test_cam_is_exact_for_gap_heads(name, kwargs):
     torch.manual_seed(0)
     model = get_model(name, num_classes=NUM_CLASSES, **kwargs).eval()
     x = torch.randn(2, 3, 64, 64)
-    logits, features = ev.cam_forward(model, x)
+    logits, features = localize.cam_forward(model, x)
     with torch.no_grad():
         assert torch.allclose(logits, model(x), atol=1e-5)
-    head = ev.cam_head(model)[1]
+    head = localize.cam_head(model)[1]
     classes = torch.arange(NUM_CLASSES).expand(2, -1)
-    cams = ev.class_activation_maps(features, head.weight, classes)
+    cams = localize.class_activation_maps(features, head.weight, classes)
     assert torch.allclose(cams.mean((2, 3)) + head.bias, logits, atol=1e-4)
 
 
 def test_alexnet_gets_whole_image_boxes():
     model = get_model("alexnet", num_classes=NUM_CLASSES).eval()
-    assert ev.cam_head(model) is None
+    assert localize.cam_head(model) is None
     image = torch.randint(0, 255, (3, 90, 120), dtype=torch.uint8)
-    [pred] = ev.predict_batch(model, [image], IMAGE_SIZE, ev.CAM_THRESHOLD)
+    [pred] = prediction.predict_batch(model, [image], IMAGE_SIZE, localize.CAM_THRESHOLD)
     assert pred["boxes"] == [[0, 0, 119, 89]] * NUM_CLASSES and len(pred["classes"]) == NUM_CLASSES
 
 
@@ -364,7 +365,7 @@ def test_predict_val_localization_error(dataset, run, tmp_path):
         label, boxes = truth[key]
         assert all(g[0] in wnids for g in guesses)
         ok = any(wnids.index(g[0]) == label and
-                 any(c == label and ev.box_iou(tuple(map(int, g[1:])), b) >= 0.5 for c, b in boxes)
+                 any(c == label and localize.box_iou(tuple(map(int, g[1:])), b) >= 0.5 for c, b in boxes)
                  for g in guesses)
         wrong += not ok
     summary = json.loads(out.with_suffix(".json").read_text())
@@ -375,11 +376,11 @@ def test_predict_val_localization_error(dataset, run, tmp_path):
 
 @pytest.mark.slow
 def test_predict_over_ray_tasks_matches_in_process(dataset, run, ray_local, monkeypatch):
-    ck = ev.read_checkpoint(str(run))
+    ck = checkpoints.read_checkpoint(str(run))
     kw = dict(batch_size=2, image_size=IMAGE_SIZE)
     monkeypatch.chdir(dataset)  # a relative data URL must reach the Ray workers as an absolute one
-    local = ev.run_predictions(ck, "shards", "test", workers=1, **kw)
-    spread = ev.run_predictions(ck, "shards", "test", workers=2, **kw)
+    local = prediction.run_predictions(ck, "shards", "test", workers=1, **kw)
+    spread = prediction.run_predictions(ck, "shards", "test", workers=2, **kw)
     assert [r["key"] for r in spread] == [r["key"] for r in local]
     for a, b in zip(local, spread):
         assert a["classes"] == b["classes"] and a["boxes"] == b["boxes"]

@@ -17,6 +17,7 @@ import torch
 from distributed import checkpoint as ckpt
 from distributed.run_folder import RunFolder
 from distributed.trainer import fit
+from evaluation.report import write_curves
 
 pytestmark = pytest.mark.slow
 
@@ -33,6 +34,7 @@ def test_ddp_run_with_data_and_checkpoints_on_s3(ray_local, tiny_config, shards,
     fs.put(shards, f"{s3_bucket}/shards", recursive=True)
     cfg = tiny_config(f"s3://{s3_bucket}/shards", f"s3://{s3_bucket}/runs", "ddp-s3")
     summary = fit(cfg)
+    write_curves(summary["run_uri"])  # as jobs.train does after fit
     assert summary["epochs"] == 2 and summary["steps"] == 8 and summary["failures_survived"] == 0
     assert summary["world_size"] == 2 and summary["params"] > 6_000_000
     assert 0.0 <= summary["final_top1"] <= summary["final_top5"] <= 1.0
