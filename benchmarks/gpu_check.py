@@ -5,8 +5,9 @@
 
 Parts, in priority order (see docs/gpu.md): env (versions, peak table, a matmul), synthetic training images/s
 and MFU of each model in bf16 + channels_last, the real input path (CPU decode with N loader workers, GPU
-decode), a 200-step run checkpointed at 100 and resumed, torch.profiler top kernels, fp32 / fp16 / channels-
-first variants, a small-batch point for the scaling model, DDP against DeepSpeed ZeRO-1/2, torch.compile.
+decode), a 200-step run checkpointed at 100 and resumed, torch.profiler top kernels, a small-batch point for the
+scaling model, torch.compile of se_googlenet, DDP against DeepSpeed ZeRO-1/2, fp32 / fp16 / channels-first
+variants, torch.compile of the other models.
 
 Time-boxing: this process is a supervisor that never imports torch. It runs the parts in a child process and
 polls `gpu_check.json`, which the child rewrites atomically after every part. A part that outlives its cap
@@ -65,12 +66,13 @@ def plan(s: dict) -> list[dict]:
                 DETERMINISTIC_ENV if s["device"] == "cuda" else None)]
     p += [_part(f"profile/{m}", "profile", dict(model=m, precision="bf16", batch=s["batch"]), 40)
           for m in variants if m != "resnet50"]
-    for precision, cl in (("fp32", True), ("fp16", True), ("bf16", False)):
-        p += [train(m, precision, cl, cap=30) for m in variants]
     if s["small_batch"] != s["batch"]:  # the scaling model's per-GPU batch of the configs
         p.append(train(main, batch=s["small_batch"], cap=30))
+    p.append(train(main, compile=True, cap=180))
     p += [_part(f"strategy/{k}", "strategy", dict(strategy_kind=k, **common), 60) for k in ("ddp", "zero1", "zero2")]
-    p += [train(m, compile=True, cap=180) for m in s["models"]]
+    for m in [main] + [v for v in variants if v != main]:
+        p += [train(m, precision, cl, cap=30) for precision, cl in (("fp32", True), ("fp16", True), ("bf16", False))]
+    p += [train(m, compile=True, cap=180) for m in s["models"] if m != main]
     for part in p:
         part["cap_s"] *= s["cap_scale"]
     names = [x["name"] for x in p]
