@@ -7,6 +7,7 @@ dict. Throughput = batch x timed steps / seconds between two device synchronisat
 """
 from __future__ import annotations
 
+import gc
 import os
 import platform
 import subprocess
@@ -102,6 +103,7 @@ def rate_result(ctx: Context, model: str, precision: str, batch: int, image_size
 
 
 def reset_memory(ctx: Context) -> None:
+    gc.collect()  # earlier parts' models and engines (DeepSpeed keeps reference cycles)
     if ctx.device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(ctx.device)
@@ -301,13 +303,12 @@ def part_profile(ctx: Context, deadline: float, model: str, precision: str, batc
     ctx.sync()
     cuda = ctx.device.type == "cuda"
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
-    steps = ctx.settings["profile_steps"]
+    steps = 0
     with profile(activities=activities) as prof:
         t0 = time.perf_counter()
-        for _ in range(steps):
+        while steps < ctx.settings["profile_steps"] and (steps == 0 or time.monotonic() < deadline):
             adapt.train_step(cfg, strategy, images, labels)
-            if time.monotonic() > deadline:
-                break
+            steps += 1
         ctx.sync()
         wall_us = (time.perf_counter() - t0) * 1e6
     return summarize_profile(prof.key_averages(), cuda, steps, wall_us) | {"model": model, "precision": precision,
