@@ -27,10 +27,19 @@ NOISE_FACTOR = 4.0
 
 
 def part_resume(ctx: Context, deadline: float, model: str, precision: str) -> dict:
-    s = ctx.settings
+    flags = (torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.deterministic,
+             torch.backends.cudnn.benchmark)
     torch.use_deterministic_algorithms(True, warn_only=True)
-    torch.backends.cudnn.deterministic = True
-    torch.backends.cudnn.benchmark = False
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+    try:
+        return _resume(ctx, deadline, model, precision)
+    finally:  # later parts in this process measure speed again
+        torch.use_deterministic_algorithms(flags[0])
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = flags[1:]
+
+
+def _resume(ctx: Context, deadline: float, model: str, precision: str) -> dict:
+    s = ctx.settings
     sample = sample_shards(ctx)
     steps, batch, size = s["resume_steps"], s["resume_batch"], s["resume_image_size"]
     steps_per_epoch = sample["train_samples"] // batch
