@@ -109,9 +109,11 @@ def finish_part(part: dict, status: str, reason: str | None = None, **extra) -> 
 def supervise(out: Path, report: dict) -> dict:
     budget_end = time.time() + report["settings"]["budget_s"]
     log = open(out / LOG_NAME, "a", buffering=1)
+    shown: set = set()
     with tempfile.TemporaryDirectory(prefix="gpu-check-work-") as work:
         while True:
             report = read_report(out)
+            shown |= print_finished(report["parts"], shown)
             pending = [p for p in report["parts"].values() if p["status"] == "pending"]
             if not pending:
                 break
@@ -119,19 +121,20 @@ def supervise(out: Path, report: dict) -> dict:
                 for p in pending:
                     finish_part(p, "skipped", f"global budget of {report['settings']['budget_s']:.0f} s spent")
                 write_report(out, report)
+                print_finished(report["parts"], shown)
                 break
-            run_child(out, pending[0]["env"], work, budget_end, log)
+            run_child(out, pending[0]["env"], work, budget_end, log, shown)
     log.close()
     return read_report(out)
 
 
-def run_child(out: Path, env_extra: dict, work: str, budget_end: float, log) -> None:
+def run_child(out: Path, env_extra: dict, work: str, budget_end: float, log, shown: set) -> None:
     env = dict(os.environ, PYTHONUNBUFFERED="1", **env_extra)
     cmd = [sys.executable, "-m", "benchmarks.gpu_check", str(out), "--child", "--workdir", work,
            "--budget-end", str(budget_end), "--child-env", json.dumps(env_extra)]
     before = {n: p["status"] for n, p in read_report(out)["parts"].items()}
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    killed = watch(proc, out, budget_end)
+    killed = watch(proc, out, budget_end, shown)
     report = read_report(out)
     running = [p for p in report["parts"].values() if p["status"] == "running"]
     for p in running:
@@ -148,12 +151,17 @@ def run_child(out: Path, env_extra: dict, work: str, budget_end: float, log) -> 
     write_report(out, report)
 
 
-def watch(proc: subprocess.Popen, out: Path, budget_end: float) -> str | None:
-    """Wait for the child; kill its process group when a part outlives its cap or the budget ends."""
+def watch(proc: subprocess.Popen, out: Path, budget_end: float, shown: set | None = None) -> str | None:
+    """Wait for the child; kill its process group when a part outlives its cap or the budget ends.
+
+    `shown`: names of the parts already reported on stdout (updated in place)."""
+    shown = set() if shown is None else shown
     while proc.poll() is None:
         time.sleep(0.5)
         now = time.time()
-        running = [p for p in read_report(out)["parts"].values() if p["status"] == "running"]
+        parts = read_report(out)["parts"]
+        shown |= print_finished(parts, shown)
+        running = [p for p in parts.values() if p["status"] == "running"]
         reason = None
         if running and now > running[0]["started_unix"] + running[0]["cap_s"] + grace(running[0]["cap_s"]):
             reason = f"killed after {now - running[0]['started_unix']:.0f} s: over its cap of {running[0]['cap_s']:.0f} s"
@@ -163,6 +171,16 @@ def watch(proc: subprocess.Popen, out: Path, budget_end: float) -> str | None:
             kill_group(proc)
             return reason
     return None
+
+
+def print_finished(parts: dict, shown: set) -> set:
+    """One stdout line per part that finished since the last look (the device tool returns stdout's tail)."""
+    done = {n for n, p in parts.items() if p["status"] not in ("pending", "running")} - shown
+    for name in done:
+        p = parts[name]
+        print(f"[gpu_check] {name}: {p['status']} in {p.get('seconds', 0):.0f} s"
+              + (f" ({p['reason'][:160]})" if p.get("reason") else ""), flush=True)
+    return done
 
 
 def grace(cap_s: float) -> float:
