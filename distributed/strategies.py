@@ -198,8 +198,10 @@ class DeepSpeedStrategy:
         self.memory_format = torch.channels_last if cfg.model.channels_last else torch.contiguous_format
         self.dtype = _DTYPES[cfg.strategy.precision]
         # DeepSpeed casts parameters for bf16/fp16 but not BatchNorm's running statistics; cast the whole
-        # module so BN buffers match (its optimizer keeps fp32 master weights).
-        model = model.to(device, dtype=self.dtype, memory_format=self.memory_format)
+        # module so BN buffers match (its optimizer keeps fp32 master weights). Parameters keep the contiguous
+        # layout even with channels_last: DeepSpeed's initial broadcast views each one as bytes
+        # (`p.data.view(torch.uint8)`), which raises on channels_last strides; the inputs stay channels_last.
+        model = model.to(device, dtype=self.dtype)
         optimizer = build_optimizer(cfg, model)
         scheduler = build_scheduler(cfg, optimizer, steps_per_epoch)
         try:

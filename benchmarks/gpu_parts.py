@@ -1,0 +1,393 @@
+"""The measurements of the device check, one function per kind of part; `run_part` dispatches by kind.
+
+Each part builds what it needs through `benchmarks.gpu_adapters`, respects the monotonic `deadline` it is
+given (timed loops stop there; a part that cannot time one step raises `SkipPart`), and returns a JSON-able
+dict. Throughput = batch x timed steps / seconds between two device synchronisations, after warm-up steps
+(the first one includes cuDNN's autotuning; `torch.backends.cudnn.benchmark` is on, as in training).
+"""
+from __future__ import annotations
+
+import gc
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from benchmarks import gpu_adapters as adapt
+from benchmarks.gpu_specs import mfu, parse_peak_override, resolve_peak, train_flops_per_image
+
+
+class SkipPart(Exception):
+    """The part cannot run here (no CUDA, no DeepSpeed, no time left); the message says why."""
+
+
+@dataclass
+class Context:
+    settings: dict
+    workdir: Path
+    report: dict  # the JSON so far: later parts compare against earlier results
+    device: torch.device = field(init=False)
+    _flops: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.device = torch.device(self.settings["device"])
+        self.peak_override = parse_peak_override(self.settings.get("peak_tflops"))
+        if self.settings.get("threads"):
+            torch.set_num_threads(self.settings["threads"])
+        if self.device.type == "cuda":
+            torch.backends.cudnn.benchmark = True
+
+    @property
+    def smoke(self) -> bool:
+        return bool(self.settings["smoke"])
+
+    def sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def device_name(self) -> str:
+        return torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu"
+
+    def flops(self, model: str, image_size: int) -> dict:
+        if (model, image_size) not in self._flops:
+            self._flops[(model, image_size)] = train_flops_per_image(model, image_size)
+        return self._flops[(model, image_size)]
+
+    def peak(self, precision: str) -> dict:
+        return resolve_peak(self.device_name(), precision, torch.backends.cudnn.allow_tf32, self.peak_override)
+
+    def result_of(self, name: str) -> dict | None:
+        part = self.report["parts"].get(name)
+        return part.get("result") if part and part.get("status") == "ok" else None
+
+
+def need_cuda(ctx: Context, what: str) -> None:
+    if ctx.device.type != "cuda":
+        raise SkipPart(f"CUDA-only: {what}")
+
+
+def time_steps(ctx: Context, step, warmup: int, steps: int, deadline: float) -> dict:
+    """Run `warmup` untimed steps, then up to `steps` timed ones before `deadline`; seconds between syncs."""
+    t_first = time.perf_counter()
+    for i in range(warmup):
+        step()
+        if i == 0:
+            ctx.sync()
+            first_s = time.perf_counter() - t_first
+        if time.monotonic() > deadline:
+            break
+    ctx.sync()
+    t0, n = time.perf_counter(), 0
+    while n < steps and (n == 0 or time.monotonic() < deadline):  # at least one timed step
+        step()
+        n += 1
+    ctx.sync()
+    return {"steps": n, "seconds": time.perf_counter() - t0, "first_step_s": first_s if warmup else None}
+
+
+def rate_result(ctx: Context, model: str, precision: str, batch: int, image_size: int, timing: dict) -> dict:
+    images_per_s = batch * timing["steps"] / timing["seconds"]
+    flops = ctx.flops(model, image_size)
+    peak = ctx.peak(precision)
+    return {"model": model, "precision": precision, "batch": batch, "image_size": image_size,
+            "images_per_s": images_per_s, "step_ms": 1000 * timing["seconds"] / timing["steps"],
+            "timed_steps": timing["steps"], "first_step_s": timing["first_step_s"],
+            "train_flops_per_image": flops["train_step"],
+            "mfu": mfu(images_per_s, flops["train_step"], peak["tflops"]), "peak": peak}
+
+
+def reset_memory(ctx: Context) -> None:
+    gc.collect()  # earlier parts' models and engines (DeepSpeed keeps reference cycles)
+    if ctx.device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(ctx.device)
+
+
+def peak_memory_gib(ctx: Context) -> float | None:
+    return torch.cuda.max_memory_allocated(ctx.device) / 2**30 if ctx.device.type == "cuda" else None
+
+
+def synthetic_batch(ctx: Context, batch: int, image_size: int):
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    images = torch.randn(batch, 3, image_size, image_size, generator=gen).to(ctx.device)
+    return images, torch.randint(0, 1000, (batch,), generator=gen).to(ctx.device)
+
+
+# -- parts --------------------------------------------------------------------------------------------------
+
+def part_env(ctx: Context, deadline: float) -> dict:
+    """Versions, device, the peak table entry, a measured matmul rate and the model FLOPs."""
+    import torchvision
+
+    info = {"python": platform.python_version(), "torch": torch.__version__, "torchvision": torchvision.__version__,
+            "cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version(), "device": ctx.device_name(),
+            "cpu_count": os.cpu_count(), "deepspeed": adapt.deepspeed_version(import_it=False),
+            "gpu_decode": adapt.gpu_decode_status(), "commit": _commit(),
+            "cudnn_allow_tf32": torch.backends.cudnn.allow_tf32,
+            "float32_matmul_precision": torch.get_float32_matmul_precision()}
+    try:
+        import timm
+
+        info["timm"] = timm.__version__
+    except ImportError:
+        info["timm"] = None
+    if ctx.device.type == "cuda":
+        props = torch.cuda.get_device_properties(ctx.device)
+        info.update(capability=f"{props.major}.{props.minor}", sms=props.multi_processor_count,
+                    memory_gib=props.total_memory / 2**30)
+    info["peaks"] = {p: ctx.peak(p) for p in ("fp32", "bf16", "fp16")}
+    info["matmul_tflops"] = _matmul_tflops(ctx)
+    image_size = ctx.settings["image_size"]
+    info["flops"] = {m: ctx.flops(m, image_size) for m in ctx.settings["models"]}
+    return info
+
+
+def _commit() -> str:
+    if os.environ.get("GPU_CHECK_COMMIT"):
+        return os.environ["GPU_CHECK_COMMIT"]
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10,
+                              check=True).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown (no git here; set GPU_CHECK_COMMIT)"
+
+
+def _matmul_tflops(ctx: Context) -> dict:
+    """A square matmul's rate: the card's practical ceiling beside its datasheet peak."""
+    cuda = ctx.device.type == "cuda"
+    n, dtype, reps = (8192, torch.bfloat16, 10) if cuda else (256, torch.float32, 3)
+    a = torch.randn(n, n, device=ctx.device, dtype=dtype)
+    b = torch.randn(n, n, device=ctx.device, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    ctx.sync()
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    ctx.sync()
+    seconds = (time.perf_counter() - t0) / reps
+    return {"n": n, "dtype": str(dtype).removeprefix("torch."), "tflops": 2 * n**3 / seconds / 1e12}
+
+
+def part_train(ctx: Context, deadline: float, model: str, precision: str, channels_last: bool, compile: bool,
+               batch: int, checkpoint: bool = False) -> dict:
+    """Training images/s and MFU with synthetic tensors on the device; compile time apart; checkpoint save."""
+    if precision == "fp16":
+        need_cuda(ctx, "fp16 with a GradScaler needs a GPU (DDPStrategy refuses it on a CPU)")
+    if compile and ctx.smoke:
+        raise SkipPart("smoke mode: torch.compile's first (inductor) compile takes minutes on a CPU; "
+                       "it runs in a full check on the GPU")
+    size = ctx.settings["image_size"]
+    cfg = adapt.make_config(model, precision, batch, size, channels_last=channels_last, compile=compile)
+    reset_memory(ctx)
+    strategy = adapt.build_strategy(cfg, adapt.build_model(cfg), ctx.device, steps_per_epoch=1000)
+    strategy.train(True)
+    images, labels = synthetic_batch(ctx, batch, size)
+
+    def step():
+        adapt.train_step(cfg, strategy, images, labels)
+
+    timing = time_steps(ctx, step, ctx.settings["warmup"], ctx.settings["steps"], deadline)
+    out = rate_result(ctx, model, precision, batch, size, timing)
+    out.update(channels_last=channels_last, compile=compile, peak_memory_gib=peak_memory_gib(ctx))
+    if compile:
+        out["compile_s"] = timing["first_step_s"]  # the first step traces and compiles forward and backward
+    if checkpoint:
+        out["checkpoint"] = checkpoint_save(strategy)
+    return out
+
+
+def checkpoint_save(strategy) -> dict:
+    with tempfile.TemporaryDirectory(prefix="gpu-check-ckpt-") as d:
+        saved = adapt.save_checkpoint(strategy, Path(d), {"step": 0})
+    return {"save_s": saved["seconds"], "mb": saved["bytes"] / 2**20, "where": "local disk (tempfile)"}
+
+
+def part_input(ctx: Context, deadline: float, decode: str, model: str, precision: str, batch: int) -> dict:
+    """The real input path from shards made on the spot: loader alone, then loader + training step."""
+    status = None
+    if decode != "cpu":
+        need_cuda(ctx, "GPU (nvJPEG) decoding needs a GPU")
+        status = adapt.gpu_decode_status()
+        if status["path"] is None:
+            raise SkipPart(f"no GPU decode path on this branch ({status})")
+    shards = input_shards(ctx)
+    workers = ctx.settings["loader_workers"] if decode == "cpu" else 0
+    size = ctx.settings["image_size"]
+    kw = dict(batch=batch, image_size=size, workers=workers, decode=decode if decode == "cpu" else str(ctx.device))
+    half = time.monotonic() + 0.4 * (deadline - time.monotonic())
+    t0 = time.perf_counter()
+    loader_only = _drain(ctx, iter(adapt.train_loader(shards["url"], **kw)), half, lambda b: None, workers)
+    loader_only["first_batch_s"] = loader_only.pop("first_s")
+    cfg = adapt.make_config(model, precision, batch, size)
+    strategy = adapt.build_strategy(cfg, adapt.build_model(cfg), ctx.device, steps_per_epoch=1000)
+    strategy.train(True)
+
+    def step(b):
+        adapt.train_step(cfg, strategy, *adapt.to_device(b, ctx.device, cfg.model.channels_last))
+
+    trained = _drain(ctx, iter(adapt.train_loader(shards["url"], **kw)), deadline, step, workers)
+    out = {"decode": decode, "gpu_decode": status, "loader_workers": workers, "model": model,
+           "precision": precision, "batch": batch, "image_size": size, "shards": shards,
+           "loader_only": loader_only, "train": trained, "images_per_s": trained["images_per_s"],
+           "seconds_total": time.perf_counter() - t0}
+    synthetic = ctx.result_of(f"train/{model}/{precision}/cl/eager")
+    if synthetic and synthetic["batch"] == batch:
+        out["vs_synthetic"] = trained["images_per_s"] / synthetic["images_per_s"]
+    return out
+
+
+def input_shards(ctx: Context) -> dict:
+    """Shards for the input parts, made once per check run (reused across child processes)."""
+    import json
+
+    root = ctx.workdir / "input_shards"
+    meta = root / "_made.json"
+    if meta.exists():
+        return json.loads(meta.read_text())
+    s = ctx.settings
+    made = adapt.write_jpeg_shards(str(root), s["input_images"], s["input_unique"], s["input_per_shard"])
+    made["url"] = str(root)
+    meta.write_text(json.dumps(made))
+    return made
+
+
+def _drain(ctx: Context, batches, deadline: float, step, workers: int) -> dict:
+    """Pull batches (stepping on each) until the loader or the time ends; time after the ramp-up batches."""
+    t_start = time.perf_counter()
+    first = next(batches)
+    step(first)
+    first_s = time.perf_counter() - t_start
+    ramp = max(1, workers + 1)  # every loader worker's first batch arrives together: skip past them
+    seen = 1
+    for b in batches:
+        seen += 1
+        if seen <= ramp:
+            step(b)
+            if time.monotonic() > deadline:
+                break
+            continue
+        if seen == ramp + 1:
+            ctx.sync()
+            t0, images, timed = time.perf_counter(), 0, 0
+        step(b)
+        images += len(b["label"])
+        timed += 1
+        if time.monotonic() > deadline:
+            break
+    if seen <= ramp + 1:
+        raise SkipPart(f"only {seen} batches before the loader or the time ended; need more than {ramp} "
+                       "(raise --input-images or the part's cap)")
+    ctx.sync()
+    seconds = time.perf_counter() - t0
+    return {"images_per_s": images / seconds, "timed_batches": timed, "ramp_batches": ramp, "first_s": first_s}
+
+
+def part_profile(ctx: Context, deadline: float, model: str, precision: str, batch: int) -> dict:
+    """torch.profiler over a few steps: top kernels by device time, time per kind, kernels per step."""
+    from torch.profiler import ProfilerActivity, profile
+
+    size = ctx.settings["image_size"]
+    cfg = adapt.make_config(model, precision, batch, size)
+    strategy = adapt.build_strategy(cfg, adapt.build_model(cfg), ctx.device, steps_per_epoch=1000)
+    strategy.train(True)
+    images, labels = synthetic_batch(ctx, batch, size)
+    for _ in range(ctx.settings["warmup"]):
+        adapt.train_step(cfg, strategy, images, labels)
+    ctx.sync()
+    cuda = ctx.device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    steps = 0
+    with profile(activities=activities) as prof:
+        t0 = time.perf_counter()
+        while steps < ctx.settings["profile_steps"] and (steps == 0 or time.monotonic() < deadline):
+            adapt.train_step(cfg, strategy, images, labels)
+            steps += 1
+        ctx.sync()
+        wall_us = (time.perf_counter() - t0) * 1e6
+    return summarize_profile(prof.key_averages(), cuda, steps, wall_us) | {"model": model, "precision": precision,
+                                                                           "batch": batch, "image_size": size}
+
+
+KERNEL_KINDS = (  # first match wins; lower-case substrings of kernel names
+    ("convolution", ("conv", "implicit_gemm", "xmma_fprop", "xmma_dgrad", "xmma_wgrad", "cudnn", "winograd")),
+    ("matmul", ("gemm", "cutlass", "cublas", "matmul", "addmm")),
+    ("batch norm", ("batch_norm", "batchnorm", "bn_fw", "bn_bw")),
+    ("pooling / reduction", ("pool", "reduce", "mean")),
+    ("optimizer", ("multi_tensor", "foreach", "sgd", "adam")),
+    ("copy / layout", ("copy", "memcpy", "memset", "nchwtonhwc", "nhwctonchw", "transpose", "cat")),
+    ("elementwise", ("elementwise", "vectorized", "unrolled", "relu", "sigmoid", "mul", "add")),
+)
+
+
+def kernel_kind(name: str) -> str:
+    lower = name.lower()
+    return next((kind for kind, keys in KERNEL_KINDS if any(k in lower for k in keys)), "other")
+
+
+def summarize_profile(events, cuda: bool, steps: int, wall_us: float, top: int = 15) -> dict:
+    attr = "self_device_time_total" if cuda else "self_cpu_time_total"
+    timed = [e for e in events if getattr(e, attr, 0) > 0 and (not cuda or _is_kernel(e))]
+    total = sum(getattr(e, attr) for e in timed) or 1.0
+    rows = sorted(timed, key=lambda e: getattr(e, attr), reverse=True)[:top]
+    kinds: dict[str, float] = {}
+    for e in timed:
+        kinds[kernel_kind(e.key)] = kinds.get(kernel_kind(e.key), 0.0) + getattr(e, attr)
+    return {"clock": "device (CUDA kernels)" if cuda else "CPU (ops)", "profiled_steps": steps,
+            "wall_ms_per_step": wall_us / steps / 1000, "busy_ms_per_step": total / steps / 1000,
+            "busy_fraction": total / wall_us, "events": "kernels" if cuda else "ops",
+            "events_per_step": sum(e.count for e in timed) / steps,
+            "by_kind": {k: v / total for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])},
+            "top": [{"name": e.key[:100], "calls_per_step": e.count / steps, "ms_per_step": getattr(e, attr) / steps
+                     / 1000, "share": getattr(e, attr) / total} for e in rows]}
+
+
+def _is_kernel(event) -> bool:
+    # Kernel rows have device time but no CPU time of their own; aten ops that launched them have both.
+    return getattr(event, "self_cpu_time_total", 0) == 0
+
+
+def part_strategy(ctx: Context, deadline: float, strategy_kind: str, model: str, precision: str, batch: int) -> dict:
+    """Step time at world size 1: DDP (wrapped explicitly) against DeepSpeed ZeRO-1 and ZeRO-2."""
+    zero = {"ddp": None, "zero1": 1, "zero2": 2}[strategy_kind]
+    version = adapt.deepspeed_version() if zero is not None else None
+    if zero is not None and version is None:
+        raise SkipPart("deepspeed is not importable here; carry its wheel (docs/gpu.md, 'DeepSpeed')")
+    backend = adapt.init_process_group(ctx.device)
+    size = ctx.settings["image_size"]
+    cfg = adapt.make_config(model, precision, batch, size, strategy="ddp" if zero is None else "deepspeed",
+                            zero_stage=zero or 0)
+    reset_memory(ctx)
+    strategy = adapt.build_strategy(cfg, adapt.build_model(cfg), ctx.device, steps_per_epoch=1000)
+    if zero is None:
+        adapt.wrap_ddp_world1(strategy, ctx.device)
+    strategy.train(True)
+    images, labels = synthetic_batch(ctx, batch, size)
+    timing = time_steps(ctx, lambda: adapt.train_step(cfg, strategy, images, labels), ctx.settings["warmup"],
+                        ctx.settings["steps"], deadline)
+    out = rate_result(ctx, model, precision, batch, size, timing)
+    out.update(strategy=strategy_kind, zero_stage=zero, deepspeed=version, backend=backend, world_size=1,
+               peak_memory_gib=peak_memory_gib(ctx), checkpoint=checkpoint_save(strategy))
+    if zero is not None:
+        out["note"] = "DeepSpeed bf16 casts the whole model to bf16 (no autocast); DDP runs bf16 autocast"
+    return out
+
+
+def run_part(ctx: Context, kind: str, params: dict, deadline: float) -> dict:
+    from benchmarks.gpu_resume import part_resume
+
+    parts = {"env": part_env, "train": part_train, "input": part_input, "profile": part_profile,
+             "strategy": part_strategy, "resume": part_resume}
+    if kind not in parts:
+        raise ValueError(f"unknown part kind {kind!r}; known: {', '.join(parts)}")
+    return parts[kind](ctx, deadline, **params)
+
+
+def log(message: str) -> None:
+    print(f"[gpu_check {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
