@@ -16,8 +16,8 @@ from models import ILSVRC_WINNERS
 from models.published import published_for
 
 # The single-model baselines every evaluation is printed beside (figures and sources: models/published.py).
-REFERENCE_MODELS = ("alexnet", "googlenet", "resnet50", "se_resnet50", "senet154", "resnet18", "resnet34", "regnety_016",
-                    "efficientnet_b1", "xception")
+REFERENCE_MODELS = ("alexnet", "googlenet", "resnet50", "se_resnet50", "senet154",
+                    "resnet18", "resnet34", "regnety_016", "efficientnet_b1", "xception")  # the frontier at equal cost
 DISPLAY_NAMES = {"alexnet": "AlexNet", "googlenet": "GoogLeNet", "resnet50": "ResNet-50",
                  "se_resnet50": "SE-ResNet-50", "senet154": "SENet-154", "se_googlenet": "SE-GoogLeNet",
                  "se_bn_inception": "SE-BN-Inception", "resnet18": "ResNet-18", "resnet34": "ResNet-34",
@@ -53,8 +53,8 @@ def results_markdown(results: dict) -> str:
                          f"| this evaluation |")
     for row in published_rows(dict.fromkeys([*REFERENCE_MODELS, results["model"]])):
         note = f" ({row['note']})" if row["note"] else ""
-        lines.append(f"| {row['model']} | 1 centre crop, {row['crop']} px | {_pct(row['top1'])} | {_pct(row['top5'])} | "
-                     f"{row['source']}{note} |")
+        lines.append(f"| {row['model']} | 1 centre crop, {row['crop']} px | {_pct(row['top1'])} | {_pct(row['top5'])} "
+                     f"| {row['source']}{note} |")
     lines += ["", "Published figures are ImageNet-1k (1000 classes, 50,000 val images); compare only runs on the "
               "same data.", "", f"![top-1 against forward GFLOPs, beside the published models]({FRONTIER_CHART})", ""]
     best = results.get("ten_crop") or results["centre"]

@@ -167,7 +167,8 @@ def test_program_runs_in_plain_pytorch_without_this_repository(tiny_config, shar
     script = ("import sys, torch\n"
               "y = torch.export.load('out/model.pt2').module()(torch.load('x.pt'))\n"
               "torch.save(y, 'y.pt')\n"
-              "print(sorted(m for m in ('models', 'distributed', 'evaluation', 'torchvision', 'timm') if m in sys.modules))")
+              "ours = ('models', 'distributed', 'evaluation', 'torchvision', 'timm')\n"
+              "print(sorted(m for m in ours if m in sys.modules))")
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     proc = subprocess.run([sys.executable, "-I", "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True,
                           timeout=600)
