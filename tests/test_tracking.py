@@ -7,7 +7,7 @@ import json
 import pytest
 
 from distributed.config import ConfigError, load_config
-from distributed.run_folder import RunFolder
+from distributed.run_folder import MetricsLog, RunFolder
 from distributed.tracking import TRACKING_FILE, flat_params, metrics_log, mlflow_uri, open_run, tracked_run
 
 mlflow = pytest.importorskip("mlflow")  # the `tracking` extra (in `dev` too)
@@ -81,6 +81,9 @@ def test_workers_refuse_to_track_without_the_drivers_run(tmp_path):
     cfg = _cfg(tmp_path)
     with pytest.raises(ConfigError, match="jobs.train"):
         metrics_log(cfg, RunFolder(str(tmp_path / "runs/tracked")), resume_step=0)
+    untracked = metrics_log(_cfg(tmp_path, "tracking.backend=none"), RunFolder(str(tmp_path / "runs/plain")), 0)
+    assert type(untracked) is MetricsLog  # without tracking, rank 0 keeps the plain log
+    untracked.close()
 
 
 @pytest.mark.slow
