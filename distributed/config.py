@@ -113,6 +113,16 @@ class RunConfig:
 
 
 @dataclass(frozen=True)
+class TrackingConfig:
+    # "none", or "mlflow" (the `tracking` extra: mlflow-skinny): rank 0 logs params, metrics, summary and curves.
+    backend: str = "none"
+    # MLflow tracking URI: a server (http://host:5000) or a local folder / file:// URI (MLflow's file store).
+    # None: $MLFLOW_TRACKING_URI, else MLflow's default.
+    uri: str | None = None
+    experiment: str = "imagenet-ray"
+
+
+@dataclass(frozen=True)
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -120,6 +130,7 @@ class Config:
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
     # A checkpoint URL to start from when the run has none of its own.
     resume_from: str | None = None
 
@@ -222,6 +233,7 @@ _CHOICES = {
     "strategy.precision": ("fp32", "bf16", "fp16"),
     "strategy.zero_stage": (0, 1, 2, 3),
     "data.auto_augment": (None, "randaugment", "trivialaugment"),
+    "tracking.backend": ("none", "mlflow"),
 }
 
 

@@ -34,6 +34,7 @@ from distributed.loss import check_loss, compute_loss
 from distributed.preflight import model_kwargs
 from distributed.run_folder import MetricsLog, RunFolder
 from distributed.strategies import build_strategy
+from distributed.tracking import metrics_log
 from models import get_model, split_outputs
 
 
@@ -330,7 +331,7 @@ def train_loop_per_worker(config: dict) -> None:
     resume = restore(cfg, strategy, state)
     source = resume.source
     run = RunFolder(config["run_uri"])
-    metrics = MetricsLog(run, state.step) if rank == 0 else None
+    metrics = metrics_log(cfg, run, state.step) if rank == 0 else None  # MLflow too with tracking.backend
     if rank == 0:
         attempts = run.read_jsonl("attempts.jsonl") + [{
             "launch_id": config["launch_id"], "time": time.time(), "restored_from": source,

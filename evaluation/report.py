@@ -16,10 +16,13 @@ from models import ILSVRC_WINNERS
 from models.published import published_for
 
 # The single-model baselines every evaluation is printed beside (figures and sources: models/published.py).
-REFERENCE_MODELS = ("alexnet", "googlenet", "resnet50", "se_resnet50", "senet154")
+REFERENCE_MODELS = ("alexnet", "googlenet", "resnet50", "se_resnet50", "senet154",
+                    "resnet18", "resnet34", "regnety_016", "efficientnet_b1", "xception")  # the frontier at equal cost
 DISPLAY_NAMES = {"alexnet": "AlexNet", "googlenet": "GoogLeNet", "resnet50": "ResNet-50",
                  "se_resnet50": "SE-ResNet-50", "senet154": "SENet-154", "se_googlenet": "SE-GoogLeNet",
-                 "se_bn_inception": "SE-BN-Inception"}
+                 "se_bn_inception": "SE-BN-Inception", "resnet18": "ResNet-18", "resnet34": "ResNet-34",
+                 "regnety_016": "RegNetY-1.6GF", "efficientnet_b1": "EfficientNet-B1", "xception": "Xception"}
+FRONTIER_CHART = "frontier.png"  # evaluation/frontier.py draws it beside results.md and report.md
 PREDICT_KIND = "predict"  # the "kind" of predict's JSON sidecar, which jobs.report looks for
 EVALUATE_KIND = "evaluate"
 RESULTS_JSON, RESULTS_MD = "results.json", "results.md"
@@ -31,8 +34,8 @@ def _pct(x: float | None, digits: int = 2) -> str:
 
 def published_rows(names=REFERENCE_MODELS) -> list[dict]:
     """Single-model, single-crop ILSVRC-2012 val figures (%) from models/published.py, one row per source."""
-    return [{"model": DISPLAY_NAMES.get(n, n), "top1": p.top1, "top5": p.top5, "source": p.source, "note": p.note}
-            for n in names for p in published_for(n)]
+    return [{"model": DISPLAY_NAMES.get(n, n), "top1": p.top1, "top5": p.top5, "source": p.source, "note": p.note,
+             "crop": p.crop} for n in names for p in published_for(n)]
 
 
 def results_markdown(results: dict) -> str:
@@ -50,10 +53,10 @@ def results_markdown(results: dict) -> str:
                          f"| this evaluation |")
     for row in published_rows(dict.fromkeys([*REFERENCE_MODELS, results["model"]])):
         note = f" ({row['note']})" if row["note"] else ""
-        lines.append(f"| {row['model']} | 1 centre crop, 224 px | {_pct(row['top1'])} | {_pct(row['top5'])} | "
-                     f"{row['source']}{note} |")
+        lines.append(f"| {row['model']} | 1 centre crop, {row['crop']} px | {_pct(row['top1'])} | {_pct(row['top5'])} "
+                     f"| {row['source']}{note} |")
     lines += ["", "Published figures are ImageNet-1k (1000 classes, 50,000 val images); compare only runs on the "
-              "same data.", ""]
+              "same data.", "", f"![top-1 against forward GFLOPs, beside the published models]({FRONTIER_CHART})", ""]
     best = results.get("ten_crop") or results["centre"]
     lines += [f"## Per-class accuracy ({'10-crop' if results.get('ten_crop') else 'centre crop'})", "",
               "| class | wnid | images | top-1 % | top-5 % |", "|---|---|---:|---:|---:|"]
@@ -147,6 +150,8 @@ def report_markdown(runs: list[RunResults], chart: str) -> str:
     rows = [run_row(r) for r in runs]
     f = lambda x: "—" if x is None else f"{100 * x:.2f}"  # noqa: E731
     lines = ["# Runs beside the ILSVRC results", "", f"![top-5 error and training curves]({chart})", "",
+             f"![top-1 against forward GFLOPs: the runs beside the published models and their frontier]"
+             f"({FRONTIER_CHART})", "",
              "## Runs", "", "| run | model | strategy | workers | epochs | best val top-1 % | best val top-5 % | "
              "evaluated top-1 % | evaluated top-5 % | protocol | top-5 loc. error % |",
              "|---|---|---|---:|---:|---:|---:|---:|---:|---|---:|"]
@@ -161,13 +166,10 @@ def report_markdown(runs: list[RunResults], chart: str) -> str:
               "| year | team | model | top-5 error % | source |", "|---:|---|---|---:|---|"]
     for w in ILSVRC_WINNERS:
         lines.append(f"| {w.year} | {w.team} | {w.model} | {w.top5_error:.2f} | {w.source} |")
-    first = min(w.year for w in ILSVRC_WINNERS)
-    if first > 2010:
-        lines.append(f"\nmodels/published.py lists winners from {first}; 2010-{first - 1} are not recorded there.")
     lines += ["", "## Published single models (ILSVRC-2012 val, 1 centre crop)", "",
-              "| model | top-1 % | top-5 % | source |", "|---|---:|---:|---|"]
+              "| model | top-1 % | top-5 % | crop px | source |", "|---|---:|---:|---:|---|"]
     for p in published_rows():
-        lines.append(f"| {p['model']} | {_pct(p['top1'])} | {_pct(p['top5'])} | {p['source']} |")
+        lines.append(f"| {p['model']} | {_pct(p['top1'])} | {_pct(p['top5'])} | {p['crop']} | {p['source']} |")
     return "\n".join(lines) + "\n"
 
 

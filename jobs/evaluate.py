@@ -5,8 +5,9 @@
 
 --checkpoint is a checkpoint directory or a run folder (its newest checkpoint), local or s3:// / gs://, written
 by a DDP or a DeepSpeed (ZeRO 0-3) run. --ten-crop adds the 10-crop protocol (softmax averaged) to the centre
-crop. Writes results.md and results.json to --out (default: the run folder when the checkpoint is local, else the
-current directory), prints the table, and prints the results JSON's headline as the last line.
+crop. Writes results.md, results.json and frontier.png (top-1 against forward GFLOPs beside the published models) to
+--out (default: the run folder when the checkpoint is local, else the current directory), prints the table, and
+prints the results JSON's headline as the last line.
 """
 from __future__ import annotations
 
@@ -17,7 +18,9 @@ import sys
 from distributed.checkpoint import CheckpointError
 from evaluation.checkpoints import read_checkpoint
 from evaluation.classify import evaluate_checkpoint
-from evaluation.report import default_results_dir, results_markdown, write_results
+from distributed.run_folder import join
+from evaluation.frontier import frontier_chart, our_point
+from evaluation.report import FRONTIER_CHART, default_results_dir, results_markdown, write_results
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -48,7 +51,12 @@ def main(argv: list[str] | None = None) -> int:
     results = evaluate_checkpoint(ck, args.data or ck.cfg.data.url, args.split,
                                   image_size=args.image_size or ck.cfg.data.image_size, batch_size=args.batch_size,
                                   num_workers=args.loader_workers, ten_crop=args.ten_crop)
-    paths = write_results(results, args.out or default_results_dir(ck.url))
+    out = args.out or default_results_dir(ck.url)
+    paths = write_results(results, out)
+    best = results["ten_crop"] or results["centre"]  # the chart's point: the best protocol evaluated
+    frontier_chart([our_point(f"step {ck.step}", ck.cfg.model.name, best["top1"], results["image_size"],
+                              ck.cfg.model.kwargs, len(best["per_class"]))], join(out, FRONTIER_CHART))
+    paths = (*paths, join(out, FRONTIER_CHART))
     print(results_markdown(results))
     headline = {k: results[k] for k in ("checkpoint", "model", "split")}
     for key in ("centre", "ten_crop"):

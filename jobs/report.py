@@ -5,7 +5,8 @@ the published single models, with the training curves side by side.
 
 Each RUN_URL is a run folder `{storage_path}/{run_name}` (any fsspec URL): summary.json and metrics.jsonl from
 training, results.json from jobs.evaluate and a jobs.predict --split val summary (`*.json` of kind "predict")
-when present. Writes report.md and report.png to --out.
+when present. Writes report.md, report.png and frontier.png (the runs' top-1 against forward GFLOPs beside the
+published models, their frontier and the ILSVRC winners' architectures) to --out.
 """
 from __future__ import annotations
 
@@ -16,7 +17,8 @@ import sys
 import fsspec
 
 from distributed.run_folder import join
-from evaluation.report import read_run, report_chart, report_markdown, run_row
+from evaluation.frontier import frontier_chart, run_points
+from evaluation.report import FRONTIER_CHART, read_run, report_chart, report_markdown, run_row
 
 CHART, PAGE = "report.png", "report.md"
 
@@ -39,9 +41,10 @@ def main(argv: list[str] | None = None) -> int:
     fs, path = fsspec.core.url_to_fs(args.out)
     fs.makedirs(path, exist_ok=True)
     report_chart(runs, join(args.out, CHART))
+    frontier_chart(run_points(runs), join(args.out, FRONTIER_CHART))
     with fsspec.open(join(args.out, PAGE), "w") as f:
         f.write(report_markdown(runs, CHART))
-    print(json.dumps({"written": [join(args.out, PAGE), join(args.out, CHART)],
+    print(json.dumps({"written": [join(args.out, PAGE), join(args.out, CHART), join(args.out, FRONTIER_CHART)],
                       "runs": [run_row(r) for r in runs]}))
     return 0
 

@@ -30,11 +30,14 @@ def main(argv=None) -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    from distributed.tracking import tracked_run
     from distributed.trainer import fit
     from evaluation.report import write_curves
 
-    summary = fit(cfg)
-    write_curves(summary["run_uri"])
+    with tracked_run(cfg) as tracking:  # tracking.backend=mlflow: the MLflow run, opened before any worker starts
+        summary = fit(cfg)
+        write_curves(summary["run_uri"])
+        tracking.finish(summary)
     print(json.dumps(summary))
     return 0
 

@@ -6,7 +6,7 @@
 
 This package imports nothing from the rest of the project.
 """
-from . import alexnet, googlenet, resnet  # noqa: F401  (registers the factories)
+from . import alexnet, efficientnet, googlenet, regnet, resnet, xception  # noqa: F401  (registers the factories)
 from .outputs import AUX_LOSS_WEIGHT, GoogLeNetOutputs, has_aux, loss_with_aux, split_outputs, unwrap_model
 from .published import ILSVRC_WINNERS, PUBLISHED
 from .registry import get_model, list_models, register_model

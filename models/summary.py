@@ -7,13 +7,14 @@ only matmul/convolution-type ops (BN, activations, pooling and the SE rescale ar
 """
 from __future__ import annotations
 
+import timm
 import torch
 import torchvision
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from .outputs import has_aux
-from .published import ILSVRC_WINNERS, PUBLISHED
+from .published import ILSVRC_WINNERS, PUBLISHED, Published
 from .registry import get_model, list_models
 
 __all__ = ["count_flops", "count_params", "inference_params", "markdown_table", "summarize"]
@@ -78,36 +79,50 @@ def _pct(x: float | None) -> str:
     return "—" if x is None else f"{x:.3f}".rstrip("0").rstrip(".")
 
 
+def _figure_cells(p: Published | None, s: dict, gflops_at: dict[int, float]) -> list[str]:
+    """top-1, top-5, eval crop, GFLOPs at that crop, source: the cells of one published figure."""
+    if p is None:
+        return ["—", "—", "—", "—", "—, ours"]
+    crop = gflops_at.setdefault(p.crop, s["gflops"] if p.crop == s["image_size"] else
+                                summarize(s["name"], image_size=p.crop, **s["model_kwargs"])["gflops"])
+    return [_pct(p.top1), _pct(p.top5), str(p.crop), f"{crop:.2f}", p.source + (f"; {p.note}" if p.note else "")]
+
+
+def _model_rows(name: str, kwargs: dict, image_size: int) -> list[str]:
+    s = summarize(name, image_size=image_size, **kwargs)
+    label = name + "".join(f" ({k}={v})" for k, v in kwargs.items())
+    figures = PUBLISHED.get(name) if not kwargs else None
+    gflops_at: dict[int, float] = {}
+    rows = []
+    for i, p in enumerate(figures or [None]):
+        head = [label, f"{s['params_inference']:,}", f"{s['gflops']:.2f}", f"{s['gmacs']:.2f}"] if i == 0 else [
+            f"{label} (also)", "", "", ""]
+        rows.append("| " + " | ".join(head + _figure_cells(p, s, gflops_at)) + " |")
+    return rows
+
+
 def markdown_table(image_size: int = 224) -> str:
     """Markdown: measured size/cost of every registered model beside its published accuracy and source."""
-    versions = f"torch {torch.__version__}, torchvision {torchvision.__version__}"
+    versions = f"torch {torch.__version__}, torchvision {torchvision.__version__}, timm {timm.__version__}"
     lines = [
         f"Parameters at inference (no aux heads) and forward cost at {image_size}x{image_size}, one image, counted "
         f"by FlopCounterMode on the meta device ({versions}; `python -m models table`). GFLOPs count 2 per "
         "multiply-add; GMACs = GFLOPs / 2 (torchvision's \"GFLOPS\" column). Published: ImageNet-1k val, "
-        "single model, single 224 crop.",
+        "single model, single centre crop of the size in \"crop\", whose cost is the next column.",
         "",
-        "| model | params (inference) | GFLOPs | GMACs | top-1 % | top-5 % | source |",
-        "|---|---:|---:|---:|---:|---:|---|",
+        f"| model | params (inference) | GFLOPs ({image_size}) | GMACs ({image_size}) | top-1 % | top-5 % | crop | "
+        "GFLOPs (crop) | source |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     rows = [(name, {}) for name in list_models()]
     rows.insert(rows.index(("se_googlenet", {})) + 1, ("se_googlenet", {"se_placement": "module"}))
     for name, kwargs in rows:
-        s = summarize(name, image_size=image_size, **kwargs)
-        label = name + "".join(f" ({k}={v})" for k, v in kwargs.items())
-        figures = PUBLISHED.get(name) if not kwargs else None
-        for i, p in enumerate(figures or [None]):
-            cells = [label, f"{s['params_inference']:,}", f"{s['gflops']:.2f}", f"{s['gmacs']:.2f}"] if i == 0 else [
-                f"{label} (also)", "", "", ""]
-            if p is None:
-                cells += ["—", "—", "—, ours"]
-            else:
-                cells += [_pct(p.top1), _pct(p.top5), p.source + (f"; {p.note}" if p.note else "")]
-            lines.append("| " + " | ".join(cells) + " |")
+        lines += _model_rows(name, kwargs, image_size)
     for name in sorted(set(PUBLISHED) - set(list_models())):
         for p in PUBLISHED[name]:
             note = f"; {p.note}" if p.note else ""
-            lines.append(f"| {name} (reference, not registered) | — | — | — | {_pct(p.top1)} | {_pct(p.top5)} | {p.source}{note} |")
+            lines.append(f"| {name} (reference, not registered) | — | — | — | {_pct(p.top1)} | {_pct(p.top5)} | "
+                         f"{p.crop} | — | {p.source}{note} |")
     lines += ["", "ILSVRC classification winners, top-5 error on the test set (ensembles, multi-crop):", "",
               "| year | team | model | top-5 error % | source |", "|---|---|---|---:|---|"]
     lines += [f"| {w.year} | {w.team} | {w.model} | {w.top5_error} | {w.source} |" for w in ILSVRC_WINNERS]

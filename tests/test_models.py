@@ -129,14 +129,34 @@ def test_parameter_counts_match_published(name, kwargs, expected):
     assert _meta_params(name, **kwargs) == expected
 
 
+PUBLISHED_COUNTS = [(name, p.params) for name, entries in PUBLISHED.items() for p in entries if p.params]
+
+
+@pytest.mark.parametrize("name,expected", PUBLISHED_COUNTS, ids=[n for n, _ in PUBLISHED_COUNTS])
+def test_inference_parameters_equal_the_sources_count(name, expected):
+    """Every count a source gives (models/published.py) is ours exactly: the architecture is the one measured."""
+    assert summarize(name, image_size=64)["params_inference"] == expected
+
+
+def test_the_frontier_models_are_registered_with_their_counts():
+    counted = dict(PUBLISHED_COUNTS)
+    for name in ("regnety_016", "resnet18", "resnet34", "efficientnet_b1", "xception"):
+        assert name in list_models() and name in counted, name
+
+
 @pytest.mark.parametrize("name,weights", [
     ("alexnet", torchvision.models.AlexNet_Weights.IMAGENET1K_V1),
     ("googlenet", torchvision.models.GoogLeNet_Weights.IMAGENET1K_V1),
+    ("resnet18", torchvision.models.ResNet18_Weights.IMAGENET1K_V1),
+    ("resnet34", torchvision.models.ResNet34_Weights.IMAGENET1K_V1),
     ("resnet50", torchvision.models.ResNet50_Weights.IMAGENET1K_V1),
+    ("regnety_016", torchvision.models.RegNet_Y_1_6GF_Weights.IMAGENET1K_V2),
+    ("efficientnet_b1", torchvision.models.EfficientNet_B1_Weights.IMAGENET1K_V2),
 ])
 def test_summary_matches_torchvision_metadata(name, weights):
-    """params at inference = torchvision's num_params; GMACs = its "_ops" (GFLOPS column, really MACs)."""
-    s = summarize(name, image_size=224)
+    """params at inference = torchvision's num_params; GMACs = its "_ops" (GFLOPS column, really MACs) at the
+    weights' own crop (240 px for EfficientNet-B1). The metadata ships with torchvision: nothing is downloaded."""
+    s = summarize(name, image_size=weights.transforms().crop_size[0])
     assert s["params_inference"] == weights.meta["num_params"]
     assert s["gmacs"] == pytest.approx(weights.meta["_ops"], abs=0.002)
     assert s["gflops"] == pytest.approx(2 * s["gmacs"])
@@ -273,8 +293,9 @@ def test_published_figures_carry_sources():
         for p in entries:
             assert p.source
             assert all(v is None or 0 < v < 100 for v in (p.top1, p.top5))
-    assert [w.year for w in ILSVRC_WINNERS] == list(range(2012, 2018))
-    assert all(w.source for w in ILSVRC_WINNERS)
+    assert [w.year for w in ILSVRC_WINNERS] == list(range(2010, 2018))  # the seed asks for 2010-2017
+    assert all(w.source and "image-net.org" in w.source for w in ILSVRC_WINNERS)
+    assert all(w.registered is None or w.registered in list_models() for w in ILSVRC_WINNERS)
 
 
 def test_cli_summary_json_last_line():
