@@ -118,8 +118,9 @@ def bad_files_url(root: str) -> str:
     return f"{_root(root)}/{META_DIR}/{BAD_FILES_NAME}"
 
 
-def retry(fn: Callable[[], T], what: str, attempts: int = READ_ATTEMPTS) -> T:
+def retry(fn: Callable[[], T], what: str, attempts: int | None = None) -> T:
     """Call fn, retrying transient storage errors with exponential backoff; missing files and bad input are final."""
+    attempts = attempts or READ_ATTEMPTS
     for attempt in range(1, attempts + 1):
         try:
             return fn()
