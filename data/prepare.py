@@ -39,7 +39,7 @@ import fsspec
 
 from data.decode import CorruptImageError
 from data.encode import StoreOptions, StoredImage, store_image
-from data.index import (LEGACY_INDEX_NAME, DatasetIndex, ShardIndexError, ShardInfo, SplitIndex, bad_files_url,
+from data.index import (LEGACY_INDEX_NAME, META_DIR, DatasetIndex, ShardIndexError, ShardInfo, SplitIndex, bad_files_url,
                         index_url, read_index, sidecar_url, write_index, write_json_atomic)
 from data.layout import SPLITS, Box, ImageNetLayout, LayoutError, Sample, clip_boxes
 from data.shards import ShardWriter, file_digest
@@ -252,7 +252,8 @@ def serial_map(fn: Callable, items: Iterable) -> Iterator:
 
 
 def _remove_stale_temporaries(fs, root: str, splits: Iterable[str]) -> int:
-    stale = [p for split in splits for p in fs.glob(f"{root}/{split}/_*{TMP_MARK}*")]
+    stale = [p for split in splits for folder in (f"{root}/{split}", f"{root}/{META_DIR}/{split}")
+             for p in fs.glob(f"{folder}/_*{TMP_MARK}*")]
     for p in stale:
         fs.rm(p)
     return len(stale)

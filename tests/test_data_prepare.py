@@ -106,6 +106,7 @@ def test_resume_skips_finished_and_redoes_broken_shards(tmp_path):
 
     # A crash leaves a temporary; a truncated final file; a same-size file with flipped bytes; a lost sidecar.
     (dst / "train/_train-000001.tar.tmp-0123abcd").write_bytes(b"half a shard")
+    (dst / "_meta/train/_train-000001.tar.json.tmp-0123abcd").write_bytes(b"half a sidecar")
     (dst / "train/train-000000.tar").write_bytes(before["train-000000.tar"][:-1024])
     flipped = bytearray(before["train-000002.tar"])
     flipped[700] ^= 0xFF
@@ -113,7 +114,7 @@ def test_resume_skips_finished_and_redoes_broken_shards(tmp_path):
     (dst / "_meta/train/train-000003.tar.json").unlink()
     logs = []
     redo = prepare_dataset(src, str(dst), shard_size=5, log=logs.append)
-    assert redo["skipped"] == 5 and redo["stale_temporaries_removed"] == 1
+    assert redo["skipped"] == 5 and redo["stale_temporaries_removed"] == 2
     assert any("images/s" in line and "8/8 shards" in line for line in logs)
     assert not list((dst / "train").glob("*.tmp-*"))
     assert sorted(os.listdir(dst / "train")) == sorted(before)  # shards only: no sidecars beside them
@@ -221,8 +222,12 @@ def test_cli_arguments():
 
     args = parse_args(["--src", "a", "--dst", "b", "--splits", "val,test", "--shard-size", "7"])
     assert args.splits == ["val", "test"] and args.shard_size == 7
-    with pytest.raises(SystemExit):
-        parse_args(["--src", "a", "--dst", "b", "--splits", "train,bogus"])
+    assert args.options == StoreOptions(max_side=None, quality=90)
+    assert parse_args(["--src", "a", "--dst", "b", "--max-side", "400", "--quality", "85"]).options == \
+        StoreOptions(400, 85)
+    for bad in (["--splits", "train,bogus"], ["--max-side", "8"], ["--quality", "101"]):
+        with pytest.raises(SystemExit):
+            parse_args(["--src", "a", "--dst", "b", *bad])
 
 
 @pytest.mark.slow
