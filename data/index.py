@@ -200,21 +200,23 @@ def read_index(url: str) -> DatasetIndex:
 def check_index_unchanged(url: str, index: DatasetIndex, split: str | None = None) -> None:
     """Raise IndexChangedError when `{url}/_index.json` no longer matches `index` (the whole index, or only what
     defines `split`). A long-running reader calls this at epoch boundaries; one read of a small file."""
+    def identity(ix: DatasetIndex) -> str:
+        return ix.split_identity(split) if split else ix.identity
+
     try:
         current = read_index(url)
-        same = (current.split_identity(split) == index.split_identity(split)) if split else \
-            current.identity == index.identity
+        before, now = identity(index), identity(current)
     except ShardIndexError as e:
         if isinstance(e, IndexChangedError):
             raise
         raise IndexChangedError(f"{index_url(url)} changed under a running job and no longer reads as its index "
                                 f"({e}); stop and restart the job on a complete dataset") from e
-    if not same:
+    if before != now:
         what = f"split {split!r}" if split else "the index"
         raise IndexChangedError(
-            f"{index_url(url)}: {what} changed under a running job (identity {index.identity[:12]} at start, "
-            f"{current.identity[:12]} now): `jobs.prepare` was re-run into this folder. The job stops rather than "
-            "mix two datasets; restart it (from its checkpoint) to train on the new index")
+            f"{index_url(url)}: {what} changed under a running job (identity {before[:12]} at start, {now[:12]} "
+            "now): `jobs.prepare` was re-run into this folder. The job stops rather than mix two datasets; restart "
+            "it (from its checkpoint) to train on the new index")
 
 
 def write_json_atomic(fs, path: str, obj: Any) -> None:
