@@ -1,19 +1,45 @@
-"""The shard index `{root}/index.json` that `jobs.prepare` writes last: classes, and per split the shards with
-their sample counts, byte sizes and sha256. Readers trust only shards listed here."""
+"""The shard folder's index `{root}/_index.json`, the only file that makes a folder a dataset: classes, and per split
+the shards with their sample counts, byte sizes and sha256. Readers trust only shards listed here.
+
+Layout of a shard folder (CONTRACTS.md): shards at `{root}/{split}/{split}-NNNNNN.tar`; everything else under a name
+that starts with `_`, which Ray Data and pyarrow skip when they list a folder: the index at `_index.json`, per-shard
+sidecars at `_meta/{shard name}.json`, the list of undecodable sources at `_meta/bad_files.json`. The helpers below
+build these paths; nothing else spells them.
+
+The index has an identity (a sha256 of its content, also stored under "identity"): `jobs.prepare` replaces the
+index by an atomic move, never by delete-then-write, and a long-running reader calls `check_index_unchanged` at
+epoch boundaries to stop with a clear error rather than mix two datasets. Reads retry transient storage errors.
+"""
 from __future__ import annotations
 
+import hashlib
 import json
+import time
+import uuid
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Callable, TypeVar
 
 import fsspec
 
-INDEX_NAME = "index.json"
-INDEX_FORMAT = "imagenet-ray-shards/1"
+INDEX_NAME = "_index.json"
+LEGACY_INDEX_NAME = "index.json"  # written by versions before the `_`-prefixed layout
+META_DIR = "_meta"
+BAD_FILES_NAME = "bad_files.json"
+INDEX_FORMAT = "imagenet-ray-shards/2"
+# One retry policy for storage reads. TODO(merge): use data/storage.py's retry() (issue 9 item 10); these are the
+# numbers data/stream.py uses for shard reads.
+READ_ATTEMPTS = 4
+RETRY_BASE_S = 0.5
+
+T = TypeVar("T")
 
 
 class ShardIndexError(ValueError):
-    """index.json is missing or malformed; the message names the URL and the key."""
+    """The index is missing, malformed or of an older layout; the message names the URL and the key."""
+
+
+class IndexChangedError(ShardIndexError):
+    """The index changed under a running reader (jobs.prepare was re-run into its folder)."""
 
 
 @dataclass(frozen=True)
@@ -37,7 +63,7 @@ class DatasetIndex:
     class_names: list[str]
     splits: dict[str, SplitIndex]
     bad_files: int = 0
-    extra: dict[str, Any] = field(default_factory=dict)  # provenance: source URL, seed, shard size, reports
+    extra: dict[str, Any] = field(default_factory=dict)  # provenance: source URL, seed, shard size, encoding, reports
 
     @property
     def num_classes(self) -> int:
@@ -49,18 +75,62 @@ class DatasetIndex:
 
     def split(self, name: str, url: str = "") -> SplitIndex:
         if name not in self.splits:
-            raise ShardIndexError(f"{url}/{INDEX_NAME}: no split {name!r}; present: {', '.join(self.splits) or 'none'}")
+            raise ShardIndexError(f"{index_url(url)}: no split {name!r}; present: {', '.join(self.splits) or 'none'}")
         return self.splits[name]
 
-    def to_json(self) -> dict:
+    def _content(self) -> dict:
         return {"format": INDEX_FORMAT, "classes": self.classes, "class_names": self.class_names,
                 "splits": {k: {"shards": [asdict(s) for s in v.shards], "samples": v.samples,
                                "bad_files": v.bad_files} for k, v in self.splits.items()},
                 "total_samples": self.total_samples, "bad_files": self.bad_files, **self.extra}
 
+    @property
+    def identity(self) -> str:
+        """sha256 of the whole index's content: equal for equal content, whoever wrote it and when."""
+        return _digest(self._content())
 
-def index_url(url: str) -> str:
-    return f"{url.rstrip('/')}/{INDEX_NAME}"
+    def split_identity(self, split: str) -> str:
+        """sha256 of what defines one split's data (classes and that split's shards): what a reader of it needs."""
+        return _digest({"classes": self.classes, "split": split, "shards": [asdict(s) for s in self.split(split).shards]})
+
+    def to_json(self) -> dict:
+        return {**self._content(), "identity": self.identity}
+
+
+def _digest(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def _root(url: str) -> str:
+    return url.rstrip("/")
+
+
+def index_url(root: str) -> str:
+    return f"{_root(root)}/{INDEX_NAME}"
+
+
+def sidecar_url(root: str, shard_name: str) -> str:
+    """`{root}/_meta/{shard name}.json`, e.g. `_meta/train/train-000000.tar.json`."""
+    return f"{_root(root)}/{META_DIR}/{shard_name}.json"
+
+
+def bad_files_url(root: str) -> str:
+    return f"{_root(root)}/{META_DIR}/{BAD_FILES_NAME}"
+
+
+def retry(fn: Callable[[], T], what: str, attempts: int | None = None) -> T:
+    """Call fn, retrying transient storage errors with exponential backoff; missing files and bad input are final."""
+    attempts = attempts or READ_ATTEMPTS
+    for attempt in range(1, attempts + 1):
+        try:
+            return fn()
+        except (FileNotFoundError, PermissionError, ShardIndexError):
+            raise
+        except OSError as e:
+            if attempt == attempts:
+                raise OSError(f"{what}: failed {attempts} times, last: {type(e).__name__}: {e}") from e
+            time.sleep(RETRY_BASE_S * 2 ** (attempt - 1))
+    raise AssertionError("unreachable")
 
 
 def _require(obj: dict, key: str, kind: type | tuple, where: str) -> Any:
@@ -73,39 +143,53 @@ def _require(obj: dict, key: str, kind: type | tuple, where: str) -> Any:
     return value
 
 
+def _parse_split(body: dict, at: str) -> SplitIndex:
+    shards = []
+    for i, s in enumerate(_require(body, "shards", list, at)):
+        sat = f"{at}.shards[{i}]"
+        shards.append(ShardInfo(_require(s, "name", str, sat), _require(s, "samples", int, sat),
+                                _require(s, "bytes", int, sat), _require(s, "sha256", str, sat)))
+    samples = _require(body, "samples", int, at)
+    if samples != sum(s.samples for s in shards):
+        raise ShardIndexError(f"{at}.samples = {samples} but its shards hold {sum(s.samples for s in shards)}")
+    return SplitIndex(shards, samples, int(body.get("bad_files", 0)))
+
+
 def parse_index(data: dict, where: str) -> DatasetIndex:
     if _require(data, "format", str, where) != INDEX_FORMAT:
-        raise ShardIndexError(f"{where}: format {data['format']!r}; this reader understands {INDEX_FORMAT!r}")
+        raise ShardIndexError(f"{where}: format {data['format']!r}; this reader understands {INDEX_FORMAT!r} "
+                              "(re-run `python -m jobs.prepare` into a new folder)")
     classes = _require(data, "classes", list, where)
     names = _require(data, "class_names", list, where)
     if len(names) != len(classes) or not all(isinstance(c, str) for c in classes + names):
         raise ShardIndexError(f"{where}: 'classes' and 'class_names' must be lists of strings of equal length")
-    splits = {}
-    for split, body in _require(data, "splits", dict, where).items():
-        at = f"{where}: splits.{split}"
-        shards = []
-        for i, s in enumerate(_require(body, "shards", list, at)):
-            sat = f"{at}.shards[{i}]"
-            shards.append(ShardInfo(_require(s, "name", str, sat), _require(s, "samples", int, sat),
-                                    _require(s, "bytes", int, sat), _require(s, "sha256", str, sat)))
-        samples = _require(body, "samples", int, at)
-        if samples != sum(s.samples for s in shards):
-            raise ShardIndexError(f"{at}.samples = {samples} but its shards hold {sum(s.samples for s in shards)}")
-        splits[split] = SplitIndex(shards, samples, int(body.get("bad_files", 0)))
-    known = {"format", "classes", "class_names", "splits", "total_samples", "bad_files"}
+    splits = {split: _parse_split(body, f"{where}: splits.{split}")
+              for split, body in _require(data, "splits", dict, where).items()}
+    known = {"format", "classes", "class_names", "splits", "total_samples", "bad_files", "identity"}
     return DatasetIndex(classes, names, splits, int(data.get("bad_files", 0)),
                         {k: v for k, v in data.items() if k not in known})
 
 
+def _legacy_error(url: str) -> ShardIndexError:
+    return ShardIndexError(
+        f"{_root(url)}/{LEGACY_INDEX_NAME}: a shard folder written by an older version of jobs.prepare (index.json "
+        f"and *.done.json sidecars beside the shards); this version reads {INDEX_NAME} with sidecars under "
+        f"{META_DIR}/. Re-run `python -m jobs.prepare --src ... --dst NEW_FOLDER` into a new folder")
+
+
 def read_index(url: str) -> DatasetIndex:
-    """Read `{url}/index.json`; a missing or malformed index raises an error naming the URL and key."""
+    """Read `{url}/_index.json` (retrying transient errors); a missing, old-layout or malformed index raises an
+    error naming the URL and key."""
     where = index_url(url)
+    fs, root = fsspec.core.url_to_fs(url)
+    root = root.rstrip("/")
     try:
-        with fsspec.open(where, "rb") as f:
-            raw = f.read()
+        raw = retry(lambda: fs.cat_file(f"{root}/{INDEX_NAME}"), f"reading {where}")
     except FileNotFoundError:
-        raise ShardIndexError(f"{where}: not found; run `python -m jobs.prepare --src ... --dst {url}` first "
-                          "(the index is written last, after every shard)") from None
+        if retry(lambda: fs.exists(f"{root}/{LEGACY_INDEX_NAME}"), f"looking for {_root(url)}/{LEGACY_INDEX_NAME}"):
+            raise _legacy_error(url) from None
+        raise ShardIndexError(f"{where}: not found; run `python -m jobs.prepare --src ... --dst {_root(url)}` first "
+                              "(the index is written last, after every shard)") from None
     try:
         data = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -113,9 +197,33 @@ def read_index(url: str) -> DatasetIndex:
     return parse_index(data, where)
 
 
+def check_index_unchanged(url: str, index: DatasetIndex, split: str | None = None) -> None:
+    """Raise IndexChangedError when `{url}/_index.json` no longer matches `index` (the whole index, or only what
+    defines `split`). A long-running reader calls this at epoch boundaries; one read of a small file."""
+    def identity(ix: DatasetIndex) -> str:
+        return ix.split_identity(split) if split else ix.identity
+
+    try:
+        current = read_index(url)
+        before, now = identity(index), identity(current)
+    except ShardIndexError as e:
+        if isinstance(e, IndexChangedError):
+            raise
+        raise IndexChangedError(f"{index_url(url)} changed under a running job and no longer reads as its index "
+                                f"({e}); stop and restart the job on a complete dataset") from e
+    if before != now:
+        what = f"split {split!r}" if split else "the index"
+        raise IndexChangedError(
+            f"{index_url(url)}: {what} changed under a running job (identity {before[:12]} at start, {now[:12]} "
+            "now): `jobs.prepare` was re-run into this folder. The job stops rather than mix two datasets; restart "
+            "it (from its checkpoint) to train on the new index")
+
+
 def write_json_atomic(fs, path: str, obj: Any) -> None:
-    """Write JSON to a temporary name, then move it into place (a reader never sees half a file)."""
-    tmp = f"{path}.tmp"
+    """Write JSON under a unique temporary name, then move it over `path`: readers see the old or the new file,
+    never half a file and never no file (no delete first; S3 and local renames replace in one step)."""
+    folder, _, base = path.rpartition("/")
+    tmp = f"{folder}/_{base}.tmp-{uuid.uuid4().hex[:12]}"
     with fs.open(tmp, "wb") as f:
         f.write(json.dumps(obj, indent=1, sort_keys=False).encode())
     fs.mv(tmp, path)

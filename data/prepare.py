@@ -1,18 +1,28 @@
 """Conversion of the Kaggle ILSVRC layout into tar shards: the work behind `python -m jobs.prepare`.
 
+Folder layout (data/index.py, CONTRACTS.md): shards at `{split}/{split}-NNNNNN.tar`; the index `_index.json`, the
+per-shard sidecars `_meta/{shard}.json` and `_meta/bad_files.json` under `_` names that shard readers skip.
+
 One call of `write_shard` writes one shard and is idempotent, so a job can run them as parallel tasks and
 be re-run after a crash:
 
-- a shard is written under a temporary name (`<name>.tmp-<id>`), then moved to its final name, then a
-  sidecar `<name>.done.json` records its plan digest, byte size and sha256;
-- a shard counts as finished only when the sidecar exists, names the same plan (same samples) and the
-  final file has that size and sha256; anything else (temp names, truncated or foreign files) is redone;
-- `prepare_dataset` deletes index.json first and writes it last, so readers never take a dataset whose
-  shards are being rewritten as complete.
+- a shard is written under a hidden temporary name (`_<name>.tmp-<id>`), then moved to its final name, then its
+  sidecar records the plan digest, byte size, sha256 and the byte offset of every sample (and of the end marker);
+- a shard counts as finished only when the sidecar exists, names the same plan (same samples, same storage
+  options) and the final file has that size and sha256; anything else (temp names, truncated or foreign files) is
+  redone.
 
-Every image is decoded with PIL before it goes in; files that fail are left out of the shards and listed in
-`bad_files.json` and the index. Train samples are shuffled once with a fixed seed before sharding, so each
-shard mixes classes; val and test keep sorted order.
+Re-running into a live folder (one whose `_index.json` a training job may be reading) never breaks that job: the
+index is replaced by an atomic move at the end, never deleted first, and a shard the live index lists is only ever
+replaced by identical bytes (a resumed or repaired shard of the same plan). A changed plan (other seed, shard size,
+storage options or sources) for a listed shard is refused, before anything is written when its sidecar shows the
+other plan, else when the new bytes differ from the listed sha256: prepare it into a new folder. Splits this run
+does not prepare are carried over from the live index.
+
+Every image is decoded with PIL before it goes in (data/encode.py decides whether it is stored as is or
+re-encoded); files that fail are left out of the shards and listed in `_meta/bad_files.json` and the index. Train
+samples are shuffled once with a fixed seed before sharding, so each shard mixes classes; val and test keep
+sorted order.
 """
 from __future__ import annotations
 
@@ -23,18 +33,18 @@ import random
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Callable, Iterable, Iterator
+from typing import BinaryIO, Callable, Iterable, Iterator
 
 import fsspec
 
-from data.decode import CorruptImageError, inspect_image
-from data.index import DatasetIndex, ShardInfo, SplitIndex, write_index, write_json_atomic, INDEX_NAME
-from data.layout import SPLITS, ImageNetLayout, LayoutError, Sample, clip_boxes
+from data.decode import CorruptImageError
+from data.encode import StoreOptions, StoredImage, store_image
+from data.index import (LEGACY_INDEX_NAME, META_DIR, DatasetIndex, ShardIndexError, ShardInfo, SplitIndex, bad_files_url,
+                        index_url, read_index, sidecar_url, write_index, write_json_atomic)
+from data.layout import SPLITS, Box, ImageNetLayout, LayoutError, Sample, clip_boxes
 from data.shards import ShardWriter, file_digest
 
 DEFAULT_SHARD_SIZE = 1000  # ~110 MB of ImageNet JPEGs: big enough to stream, small enough to spread over tasks
-BAD_FILES_NAME = "bad_files.json"
-DONE_SUFFIX = ".done.json"
 TMP_MARK = ".tmp-"
 READ_BATCH = 64  # source files fetched per request batch (concurrent on object stores)
 READ_ATTEMPTS = 3
@@ -47,17 +57,18 @@ class ShardPlan:
     number: int
     name: str  # relative to the destination root, e.g. "train/train-000000.tar"
     samples: tuple[Sample, ...]
-    digest: str  # sha256 of what goes in; a finished shard of another plan is redone
+    digest: str  # sha256 of what goes in and how it is stored; a finished shard of another plan is redone
 
 
-def _plan_digest(samples: Iterable[Sample]) -> str:
-    sha = hashlib.sha256(b"imagenet-ray-shard/1\n")
+def _plan_digest(samples: Iterable[Sample], options: StoreOptions) -> str:
+    sha = hashlib.sha256(b"imagenet-ray-shard/2\n" + json.dumps(options.describe(), sort_keys=True).encode() + b"\n")
     for s in samples:
         sha.update(json.dumps([s.key, s.path, s.label, [b.as_list() for b in s.boxes]]).encode() + b"\n")
     return sha.hexdigest()
 
 
-def plan_shards(layout: ImageNetLayout, splits: Iterable[str], shard_size: int, seed: int) -> list[ShardPlan]:
+def plan_shards(layout: ImageNetLayout, splits: Iterable[str], shard_size: int, seed: int,
+                options: StoreOptions = StoreOptions()) -> list[ShardPlan]:
     """Split each split's samples into shards of `shard_size` (train shuffled with `Random(seed)` first)."""
     if shard_size < 1:
         raise ValueError(f"shard_size={shard_size}; must be >= 1")
@@ -68,21 +79,28 @@ def plan_shards(layout: ImageNetLayout, splits: Iterable[str], shard_size: int, 
             random.Random(seed).shuffle(samples)
         for number, start in enumerate(range(0, len(samples), shard_size)):
             chunk = tuple(samples[start:start + shard_size])
-            plans.append(ShardPlan(split, number, f"{split}/{split}-{number:06d}.tar", chunk, _plan_digest(chunk)))
+            plans.append(ShardPlan(split, number, f"{split}/{split}-{number:06d}.tar", chunk,
+                                   _plan_digest(chunk, options)))
     return plans
+
+
+def read_sidecar(fs, root: str, name: str) -> dict | None:
+    """A shard's sidecar, or None when it is missing or damaged (a damaged sidecar proves nothing)."""
+    try:
+        meta = json.loads(fs.cat_file(sidecar_url(root, name)))
+    except FileNotFoundError:
+        return None
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    return meta if isinstance(meta, dict) else None
 
 
 def shard_done(fs, root: str, plan: ShardPlan, check_sha: bool = True) -> dict | None:
     """The sidecar of a finished, intact shard of this plan; None when it has to be (re)written."""
+    meta = read_sidecar(fs, root, plan.name)
+    if meta is None or meta.get("digest") != plan.digest:
+        return None
     final = f"{root}/{plan.name}"
-    try:
-        meta = json.loads(fs.cat_file(final + DONE_SUFFIX))
-    except FileNotFoundError:
-        return None
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        return None  # a damaged sidecar proves nothing: redo the shard
-    if not isinstance(meta, dict) or meta.get("digest") != plan.digest:
-        return None
     try:
         if fs.size(final) != meta.get("bytes"):
             return None
@@ -126,16 +144,75 @@ def _cat_or_error(fs, path: str) -> bytes | BaseException:
         return e
 
 
-def _sample_json(sample: Sample, width: int, height: int, fmt: str, mode: str) -> tuple[bytes, int, int]:
-    boxes, clipped, dropped = clip_boxes(sample.boxes, width, height)
-    meta = {"key": sample.key, "wnid": sample.wnid, "label": sample.label, "width": width, "height": height,
-            "format": fmt, "mode": mode, "source": sample.path,
-            "boxes": [{"wnid": b.wnid, "xmin": b.xmin, "ymin": b.ymin, "xmax": b.xmax, "ymax": b.ymax} for b in boxes]}
+def _scaled_boxes(boxes: list[Box], sx: float, sy: float) -> list[dict]:
+    if (sx, sy) == (1.0, 1.0):
+        return [{"wnid": b.wnid, "xmin": b.xmin, "ymin": b.ymin, "xmax": b.xmax, "ymax": b.ymax} for b in boxes]
+    return [{"wnid": b.wnid, "xmin": round(b.xmin * sx), "ymin": round(b.ymin * sy), "xmax": round(b.xmax * sx),
+             "ymax": round(b.ymax * sy)} for b in boxes]
+
+
+def _sample_json(sample: Sample, image: StoredImage) -> tuple[bytes, int, int]:
+    """The sample's json: stored size (boxes in its pixels), and the source's size, format and mode."""
+    boxes, clipped, dropped = clip_boxes(sample.boxes, image.source_width, image.source_height)
+    sx, sy = image.width / image.source_width, image.height / image.source_height
+    meta = {"key": sample.key, "wnid": sample.wnid, "label": sample.label, "width": image.width,
+            "height": image.height, "source_width": image.source_width, "source_height": image.source_height,
+            "format": image.format, "mode": image.mode, "reencoded": list(image.reencoded), "source": sample.path,
+            "boxes": _scaled_boxes(boxes, sx, sy)}
     return json.dumps(meta, separators=(",", ":")).encode(), clipped, dropped
 
 
-def write_shard(src_url: str, dst_url: str, plan: ShardPlan, check_sha: bool = True) -> dict:
-    """Write one shard (or skip it when already finished); returns its sidecar plus "skipped" and "seconds"."""
+class _CountingFile:
+    """Counts the bytes written through it, so prepare can record each sample's offset (ShardWriter writes
+    straight through: tarfile in "w" mode does not buffer)."""
+
+    def __init__(self, f: BinaryIO) -> None:
+        self.f, self.written = f, 0
+
+    def write(self, data: bytes) -> int:
+        self.f.write(data)
+        self.written += len(data)
+        return len(data)
+
+    def tell(self) -> int:
+        return self.written
+
+
+def _write_tar(src_fs, src_root: str, plan: ShardPlan, options: StoreOptions, f: BinaryIO) -> dict:
+    """Write the plan's samples into `f`; returns the sidecar fields that describe the content."""
+    counting = _CountingFile(f)
+    writer = ShardWriter(counting)
+    bad, offsets, clipped, dropped, reencoded = [], [], 0, 0, {}
+    for start in range(0, len(plan.samples), READ_BATCH):
+        batch = plan.samples[start:start + READ_BATCH]
+        for sample, data in zip(batch, _read_sources(src_fs, src_root, batch)):
+            try:
+                image = store_image(data, sample.key, options)
+            except CorruptImageError as e:
+                bad.append({"split": plan.split, "key": sample.key, "path": sample.path, "reason": e.reason})
+                continue
+            meta, c, d = _sample_json(sample, image)
+            clipped, dropped = clipped + c, dropped + d
+            for reason in image.reencoded:
+                reencoded[reason] = reencoded.get(reason, 0) + 1
+            members = {"jpg": image.data}
+            if sample.label >= 0:
+                members["cls"] = str(sample.label).encode()
+            members["json"] = meta
+            offsets.append(counting.tell())
+            writer.write(sample.key, members)
+    end = counting.tell()
+    size, sha = writer.close()
+    return {"samples": writer.samples, "bytes": size, "sha256": sha, "offsets": offsets, "end": end,
+            "bad_files": bad, "boxes_clipped": clipped, "boxes_dropped": dropped, "reencoded": reencoded}
+
+
+def write_shard(src_url: str, dst_url: str, plan: ShardPlan, options: StoreOptions = StoreOptions(),
+                check_sha: bool = True, live_sha: dict[str, str] | None = None) -> dict:
+    """Write one shard (or skip it when already finished); returns its sidecar plus "skipped" and "seconds".
+
+    `live_sha` maps the shards a live index lists to their sha256: such a shard is only replaced by identical bytes.
+    """
     t0 = time.monotonic()
     src_fs, src_root = fsspec.core.url_to_fs(src_url)
     fs, root = fsspec.core.url_to_fs(dst_url)
@@ -145,30 +222,17 @@ def write_shard(src_url: str, dst_url: str, plan: ShardPlan, check_sha: bool = T
     if done is not None:
         return {**done, "skipped": True, "seconds": time.monotonic() - t0}
     final = f"{root}/{plan.name}"
-    if fs.exists(final + DONE_SUFFIX):
-        fs.rm(final + DONE_SUFFIX)  # no sidecar may vouch for a shard while it is rewritten
-    fs.makedirs(final.rsplit("/", 1)[0], exist_ok=True)
-    tmp = f"{final}{TMP_MARK}{uuid.uuid4().hex[:12]}"
-    bad, clipped, dropped = [], 0, 0
+    if fs.exists(sidecar_url(root, plan.name)):
+        fs.rm(sidecar_url(root, plan.name))  # no sidecar may vouch for a shard while it is rewritten
+    folder, _, base = final.rpartition("/")
+    fs.makedirs(folder, exist_ok=True)
+    fs.makedirs(sidecar_url(root, plan.name).rpartition("/")[0], exist_ok=True)
+    tmp = f"{folder}/_{base}{TMP_MARK}{uuid.uuid4().hex[:12]}"
     try:
         with fs.open(tmp, "wb") as f:
-            writer = ShardWriter(f)
-            for start in range(0, len(plan.samples), READ_BATCH):
-                batch = plan.samples[start:start + READ_BATCH]
-                for sample, data in zip(batch, _read_sources(src_fs, src_root, batch)):
-                    try:
-                        width, height, fmt, mode = inspect_image(data, sample.key)
-                    except CorruptImageError as e:
-                        bad.append({"split": plan.split, "key": sample.key, "path": sample.path, "reason": e.reason})
-                        continue
-                    meta, c, d = _sample_json(sample, width, height, fmt, mode)
-                    clipped, dropped = clipped + c, dropped + d
-                    members = {"jpg": data}
-                    if sample.label >= 0:
-                        members["cls"] = str(sample.label).encode()
-                    members["json"] = meta
-                    writer.write(sample.key, members)
-            size, sha = writer.close()
+            content = _write_tar(src_fs, src_root, plan, options, f)
+        if (live_sha or {}).get(plan.name, content["sha256"]) != content["sha256"]:
+            raise ValueError(_live_refusal(dst_url, plan.name, "would be rewritten with other content"))
         fs.mv(tmp, final)
     except BaseException:
         try:
@@ -177,9 +241,8 @@ def write_shard(src_url: str, dst_url: str, plan: ShardPlan, check_sha: bool = T
             pass
         raise
     meta = {"name": plan.name, "split": plan.split, "number": plan.number, "digest": plan.digest,
-            "samples": writer.samples, "bytes": size, "sha256": sha, "bad_files": bad,
-            "boxes_clipped": clipped, "boxes_dropped": dropped}
-    write_json_atomic(fs, final + DONE_SUFFIX, meta)
+            "storage": options.describe(), **content}
+    write_json_atomic(fs, sidecar_url(root, plan.name), meta)
     return {**meta, "skipped": False, "seconds": time.monotonic() - t0}
 
 
@@ -189,34 +252,70 @@ def serial_map(fn: Callable, items: Iterable) -> Iterator:
 
 
 def _remove_stale_temporaries(fs, root: str, splits: Iterable[str]) -> int:
-    stale = [p for split in splits for p in fs.glob(f"{root}/{split}/*{TMP_MARK}*")]
+    stale = [p for split in splits for folder in (f"{root}/{split}", f"{root}/{META_DIR}/{split}")
+             for p in fs.glob(f"{folder}/_*{TMP_MARK}*")]
     for p in stale:
         fs.rm(p)
     return len(stale)
 
 
+def live_index(dst: str) -> DatasetIndex | None:
+    """The index a running job may be reading at `dst`, None for a new folder; an old-layout folder is refused."""
+    fs, root = fsspec.core.url_to_fs(dst)
+    root = root.rstrip("/")
+    if fs.exists(f"{root}/{LEGACY_INDEX_NAME}"):
+        raise ShardIndexError(f"{dst.rstrip('/')}/{LEGACY_INDEX_NAME}: this folder was prepared by an older version "
+                              "(index.json and *.done.json beside the shards); prepare into a new folder")
+    return read_index(dst) if fs.exists(index_url(root)) else None
+
+
+def check_live_shards(dst: str, live: DatasetIndex | None, plans: list[ShardPlan]) -> None:
+    """Refuse, before writing anything, a plan that would rewrite a shard the live index lists with new content."""
+    if live is None:
+        return
+    fs, root = fsspec.core.url_to_fs(dst)
+    root = root.rstrip("/")
+    listed = {s.name for split in live.splits.values() for s in split.shards}
+    for plan in plans:
+        meta = read_sidecar(fs, root, plan.name) if plan.name in listed else None
+        if meta is not None and meta.get("digest") != plan.digest:
+            raise ValueError(_live_refusal(dst, plan.name, "was prepared from a different plan"))
+
+
+def _live_refusal(dst: str, name: str, what: str) -> str:
+    return (f"{dst.rstrip('/')}/{name} is listed in {index_url(dst)} (a job may be reading it) and {what} (seed, "
+            "shard size, --max-side/--quality or the source files differ). Shards a live index lists are never "
+            "rewritten with other content: prepare into a new folder, or delete this one first")
+
+
+def live_shas(live: DatasetIndex | None) -> dict[str, str]:
+    return {s.name: s.sha256 for split in (live.splits.values() if live else ()) for s in split.shards}
+
+
 def prepare_dataset(src: str, dst: str, *, shard_size: int = DEFAULT_SHARD_SIZE, splits: Iterable[str] = SPLITS,
-                    seed: int = 0, map_fn: Callable[[Callable, list], Iterable[dict]] = serial_map,
-                    check_sha: bool = True, log: Callable[[str], None] = print) -> dict:
+                    seed: int = 0, options: StoreOptions = StoreOptions(),
+                    map_fn: Callable[[Callable, list], Iterable[dict]] = serial_map, check_sha: bool = True,
+                    log: Callable[[str], None] = print) -> dict:
     """Convert the layout at `src` into shards under `dst`; returns a summary. See the module docstring."""
     splits = list(splits)
     for split in splits:
         if split not in SPLITS:
             raise ValueError(f"split {split!r}; valid: {', '.join(SPLITS)}")
     layout = ImageNetLayout(src)
-    plans = plan_shards(layout, splits, shard_size, seed)
+    plans = plan_shards(layout, splits, shard_size, seed, options)
     fs, root = fsspec.core.url_to_fs(dst)
     root = root.rstrip("/")
     fs.makedirs(root, exist_ok=True)
-    if fs.exists(f"{root}/{INDEX_NAME}"):
-        fs.rm(f"{root}/{INDEX_NAME}")  # written again last; until then the dataset is incomplete
+    live = live_index(dst)
+    check_live_shards(dst, live, plans)
     stale = _remove_stale_temporaries(fs, root, splits)
     total_images = sum(len(p.samples) for p in plans)
-    log(f"[prepare] {src} -> {dst}: {len(plans)} shards, {total_images} images ({', '.join(splits)}); "
-        f"removed {stale} stale temporaries")
+    log(f"[prepare] {src} -> {dst}: {len(plans)} shards, {total_images} images ({', '.join(splits)}); storage "
+        f"{options.describe()}; removed {stale} stale temporaries")
     results: dict[str, dict] = {}
     t0, written, last_log = time.monotonic(), 0, 0.0
-    for result in map_fn(functools.partial(write_shard, src, dst, check_sha=check_sha), plans):
+    task = functools.partial(write_shard, src, dst, options=options, check_sha=check_sha, live_sha=live_shas(live))
+    for result in map_fn(task, plans):
         results[result["name"]] = result
         if not result["skipped"]:
             written += result["samples"] + len(result["bad_files"])
@@ -226,34 +325,66 @@ def prepare_dataset(src: str, dst: str, *, shard_size: int = DEFAULT_SHARD_SIZE,
             log(f"[prepare] {len(results)}/{len(plans)} shards ({skipped} already done), "
                 f"{written / max(now - t0, 1e-9):.1f} images/s")
             last_log = now
-    summary = _finish(layout, src, dst, plans, results, seed, shard_size, stale, time.monotonic() - t0)
-    log(f"[prepare] {summary['total_samples']} samples in {summary['shards']} shards; {summary['bad_files']} bad files "
-        f"left out (listed in {dst.rstrip('/')}/{BAD_FILES_NAME}); layout report: "
+    summary = _finish(layout, src, dst, plans, results, live, dict(seed=seed, shard_size=shard_size, stale=stale,
+                                                                   options=options, seconds=time.monotonic() - t0))
+    log(f"[prepare] {summary['total_samples']} samples in {summary['shards']} shards; {summary['reencoded']} "
+        f"re-encoded; {summary['bad_files']} bad files left out (listed in {bad_files_url(dst)}); layout report: "
         f"{ {k: v['count'] for k, v in layout.report.items()} }")
     return summary
 
 
+def _split_indexes(plans: list[ShardPlan], results: dict[str, dict]) -> dict[str, SplitIndex]:
+    splits = {}
+    for split in dict.fromkeys(p.split for p in plans):
+        rs = [results[p.name] for p in plans if p.split == split]
+        shards = [ShardInfo(r["name"], r["samples"], r["bytes"], r["sha256"]) for r in rs]
+        splits[split] = SplitIndex(shards, sum(s.samples for s in shards), sum(len(r["bad_files"]) for r in rs))
+    return splits
+
+
+def _carried_splits(live: DatasetIndex | None, layout: ImageNetLayout, prepared: dict) -> dict[str, SplitIndex]:
+    """Splits of the live index this run did not prepare (same classes only), kept so their readers go on."""
+    if live is None or live.classes != layout.classes:
+        return {}
+    return {k: v for k, v in live.splits.items() if k not in prepared}
+
+
+def _carried_bad_files(fs, root: str, carried: dict) -> list[dict]:
+    if not carried:
+        return []
+    try:
+        return [b for b in json.loads(fs.cat_file(bad_files_url(root)))["files"] if b.get("split") in carried]
+    except (FileNotFoundError, KeyError, TypeError, ValueError):
+        return []
+
+
 def _finish(layout: ImageNetLayout, src: str, dst: str, plans: list[ShardPlan], results: dict[str, dict],
-            seed: int, shard_size: int, stale: int, seconds: float) -> dict:
-    """Write bad_files.json, then index.json (last)."""
+            live: DatasetIndex | None, run: dict) -> dict:
+    """Write _meta/bad_files.json, then swap in the new _index.json (last, by an atomic move)."""
     fs, root = fsspec.core.url_to_fs(dst)
     root = root.rstrip("/")
     missing = [p.name for p in plans if p.name not in results]
     if missing:
         raise RuntimeError(f"{len(missing)} shards produced no result (first: {missing[0]}); index not written")
     bad = sorted((b for r in results.values() for b in r["bad_files"]), key=lambda b: (b["split"], b["key"]))
-    write_json_atomic(fs, f"{root}/{BAD_FILES_NAME}", {"count": len(bad), "files": bad})
-    splits = {}
-    for split in dict.fromkeys(p.split for p in plans):
-        rs = [results[p.name] for p in plans if p.split == split]
-        shards = [ShardInfo(r["name"], r["samples"], r["bytes"], r["sha256"]) for r in rs]
-        splits[split] = SplitIndex(shards, sum(s.samples for s in shards), sum(len(r["bad_files"]) for r in rs))
-    extra = {"source": src, "seed": seed, "shard_size": shard_size,
+    splits = _split_indexes(plans, results)
+    carried = _carried_splits(live, layout, splits)
+    listed = bad + _carried_bad_files(fs, root, carried)
+    write_json_atomic(fs, bad_files_url(root), {"count": len(listed), "files": listed})
+    reencoded: dict[str, int] = {}
+    for r in results.values():
+        for reason, n in r.get("reencoded", {}).items():
+            reencoded[reason] = reencoded.get(reason, 0) + n
+    extra = {"source": src, "seed": run["seed"], "shard_size": run["shard_size"],
+             "storage": run["options"].describe(), "reencoded": reencoded,
              "boxes_clipped": sum(r["boxes_clipped"] for r in results.values()),
              "boxes_dropped": sum(r["boxes_dropped"] for r in results.values()),
              "layout_report": layout.report}
-    index = DatasetIndex(layout.classes, layout.class_names, splits, len(bad), extra)
+    index = DatasetIndex(layout.classes, layout.class_names, {**carried, **splits},
+                         len(bad) + sum(s.bad_files for s in carried.values()), extra)
     write_index(dst, index)
     return {"dst": dst, "shards": len(plans), "skipped": sum(r["skipped"] for r in results.values()),
-            "samples": {k: v.samples for k, v in splits.items()}, "total_samples": index.total_samples,
-            "bad_files": len(bad), "stale_temporaries_removed": stale, "seconds": round(seconds, 2)}
+            "samples": {k: v.samples for k, v in splits.items()}, "carried_splits": sorted(carried),
+            "total_samples": index.total_samples, "bad_files": len(bad), "reencoded": reencoded,
+            "identity": index.identity, "stale_temporaries_removed": run["stale"],
+            "seconds": round(run["seconds"], 2)}

@@ -131,12 +131,12 @@ def test_read_index_round_trip_and_errors(tmp_path):
     assert index.classes == ["n00000001"] and index.num_classes == 1 and index.splits["train"].samples == 7
     with pytest.raises(ShardIndexError, match=r"no split 'val'"):
         index.split("val", url)
-    with pytest.raises(ShardIndexError, match=rf"{tmp_path}/nothing/index.json: not found"):
+    with pytest.raises(ShardIndexError, match=rf"{tmp_path}/nothing/_index.json: not found"):
         read_index(str(tmp_path / "nothing"))
-    path = tmp_path / "ds/index.json"
+    path = tmp_path / "ds/_index.json"
     good = json.loads(path.read_text())
     path.write_text("{not json")
-    with pytest.raises(ShardIndexError, match="index.json: not valid JSON"):
+    with pytest.raises(ShardIndexError, match="_index.json: not valid JSON"):
         read_index(url)
     for mutate, match in [(lambda d: d.pop("classes"), "missing key 'classes'"),
                           (lambda d: d["splits"]["train"].update(samples=8), "splits.train.samples = 8"),

@@ -212,7 +212,7 @@ def test_submit_prepare_train_stop_and_resume(tmp_path):
         out = head.ray(*SUBMIT, "--submission-id", "prepare", "--", "python", "-m", "jobs.prepare", "--src", str(raw),
                        "--dst", str(shards), timeout=remaining(deadline))
         assert status_in(out, "prepare") == "SUCCEEDED"
-        assert (shards / "index.json").is_file()
+        assert (shards / "_index.json").is_file()
 
         # 2. train, stopped with `ray job stop` once a checkpoint is registered.
         head.ray(*SUBMIT, "--no-wait", "--submission-id", "train-1", "--", *train)

@@ -58,14 +58,14 @@ def test_writable_bucket_passes(s3_bucket):
 def test_missing_and_malformed_data_index(tmp_path, shards, tiny_config):
     empty = tmp_path / "empty"
     empty.mkdir()
-    with pytest.raises(ShardIndexError, match=rf"{empty}/index.json: not found; run `python -m jobs.prepare"):
+    with pytest.raises(ShardIndexError, match=rf"{empty}/_index.json: not found; run `python -m jobs.prepare"):
         check_data(tiny_config(str(empty), str(tmp_path), "x"))
-    (empty / "index.json").write_text("{not json")
-    with pytest.raises(ShardIndexError, match="index.json: not valid JSON"):
+    (empty / "_index.json").write_text("{not json")
+    with pytest.raises(ShardIndexError, match="_index.json: not valid JSON"):
         check_data(tiny_config(str(empty), str(tmp_path), "x"))
-    index = json.loads(open(os.path.join(shards, "index.json")).read())
+    index = json.loads(open(os.path.join(shards, "_index.json")).read())
     del index["splits"]["val"]
-    (empty / "index.json").write_text(json.dumps(index))
+    (empty / "_index.json").write_text(json.dumps(index))
     with pytest.raises(PreflightError, match="split 'val' is missing or empty"):
         check_data(tiny_config(str(empty), str(tmp_path), "x"))
     assert check_data(tiny_config(shards, str(tmp_path), "x")) == 3
