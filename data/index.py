@@ -113,6 +113,51 @@ def read_index(url: str) -> DatasetIndex:
     return parse_index(data, where)
 
 
+# -- per-shard byte offsets -------------------------------------------------------------------------------------
+
+SIDECAR_SUFFIX = ".done.json"  # where data/prepare.py writes a shard's sidecar today (its DONE_SUFFIX)
+
+
+def sidecar_url(root: str, name: str) -> str:
+    """The sidecar of shard `name` (relative to the dataset root `root`)."""
+    return f"{root.rstrip('/')}/{name}{SIDECAR_SUFFIX}"
+
+
+@dataclass(frozen=True)
+class ShardOffsets:
+    """Byte offset of each sample's first tar header, in sample order, and of the end-of-archive marker."""
+
+    starts: tuple[int, ...]
+    end: int
+
+    def byte_range(self, first: int, stop: int) -> tuple[int, int]:
+        """[start, end) of the bytes holding samples [first, stop) of the shard."""
+        return self.starts[first], self.starts[stop] if stop < len(self.starts) else self.end
+
+
+def read_shard_offsets(fs, root: str, name: str, samples: int) -> ShardOffsets | None:
+    """The offsets prepare stored in the sidecar of shard `name`; None when it has none (an older prepare).
+
+    With `sidecar_url`, the only place that knows where sidecars live (they move to `_meta/` with issue 12).
+    A sidecar whose offsets disagree with the index's sample count raises ShardIndexError naming it.
+    """
+    where = sidecar_url(root, name)
+    try:
+        meta = json.loads(fs.cat_file(where))
+    except FileNotFoundError:
+        return None
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ShardIndexError(f"{where}: not valid JSON ({e}); re-run jobs.prepare") from e
+    if not isinstance(meta, dict) or "offsets" not in meta:
+        return None
+    starts, end = meta["offsets"], meta.get("end")
+    if (not isinstance(starts, list) or len(starts) != samples or not isinstance(end, int)
+            or not all(isinstance(x, int) for x in starts) or any(b <= a for a, b in zip(starts, starts[1:] + [end]))):
+        raise ShardIndexError(f"{where}: 'offsets' must be {samples} increasing byte offsets (index.json's count) "
+                              f"followed by an 'end' offset; re-run jobs.prepare")
+    return ShardOffsets(tuple(starts), end)
+
+
 def write_json_atomic(fs, path: str, obj: Any) -> None:
     """Write JSON to a temporary name, then move it into place (a reader never sees half a file)."""
     tmp = f"{path}.tmp"

@@ -31,13 +31,13 @@ from data.decode import CorruptImageError, inspect_image
 from data.index import DatasetIndex, ShardInfo, SplitIndex, write_index, write_json_atomic, INDEX_NAME
 from data.layout import SPLITS, ImageNetLayout, LayoutError, Sample, clip_boxes
 from data.shards import ShardWriter, file_digest
+from data.storage import retry
 
 DEFAULT_SHARD_SIZE = 1000  # ~110 MB of ImageNet JPEGs: big enough to stream, small enough to spread over tasks
 BAD_FILES_NAME = "bad_files.json"
 DONE_SUFFIX = ".done.json"
 TMP_MARK = ".tmp-"
 READ_BATCH = 64  # source files fetched per request batch (concurrent on object stores)
-READ_ATTEMPTS = 3
 PROGRESS_EVERY_S = 5.0
 
 
@@ -96,27 +96,23 @@ def shard_done(fs, root: str, plan: ShardPlan, check_sha: bool = True) -> dict |
 def _read_sources(fs, root: str, samples: tuple[Sample, ...]) -> list[bytes]:
     """Fetch the source files of a batch (one concurrent batch on async filesystems such as s3fs/gcsfs)."""
     paths = [f"{root}/{s.path}" for s in samples]
-    for attempt in range(READ_ATTEMPTS):
-        try:
-            if getattr(fs, "async_impl", False):
-                got = fs.cat(paths, on_error="return")
-                got = {fs._strip_protocol(k): v for k, v in got.items()}
-                out = [got.get(fs._strip_protocol(p), FileNotFoundError(p)) for p in paths]
-            else:
-                out = [_cat_or_error(fs, p) for p in paths]
-            for p, v in zip(paths, out):
-                if isinstance(v, FileNotFoundError):
-                    raise LayoutError(f"{p}: listed in the layout but missing when read")
-                if isinstance(v, BaseException):
-                    raise v
-            return out
-        except LayoutError:
-            raise
-        except Exception as e:  # transient storage errors: back off and retry the batch
-            if attempt == READ_ATTEMPTS - 1:
-                raise OSError(f"reading {len(paths)} source files from {paths[0]} ...: {e}") from e
-            time.sleep(0.5 * 2 ** attempt)
-    raise AssertionError("unreachable")
+    return retry(functools.partial(_read_batch, fs, paths), f"reading {len(paths)} source files from {paths[0]} ...",
+                 error=OSError, not_retried=(LayoutError,))
+
+
+def _read_batch(fs, paths: list[str]) -> list[bytes]:
+    if getattr(fs, "async_impl", False):
+        got = fs.cat(paths, on_error="return")
+        got = {fs._strip_protocol(k): v for k, v in got.items()}
+        out = [got.get(fs._strip_protocol(p), FileNotFoundError(p)) for p in paths]
+    else:
+        out = [_cat_or_error(fs, p) for p in paths]
+    for p, v in zip(paths, out):
+        if isinstance(v, FileNotFoundError):
+            raise LayoutError(f"{p}: listed in the layout but missing when read")
+        if isinstance(v, BaseException):
+            raise v
+    return out
 
 
 def _cat_or_error(fs, path: str) -> bytes | BaseException:
@@ -177,7 +173,8 @@ def write_shard(src_url: str, dst_url: str, plan: ShardPlan, check_sha: bool = T
             pass
         raise
     meta = {"name": plan.name, "split": plan.split, "number": plan.number, "digest": plan.digest,
-            "samples": writer.samples, "bytes": size, "sha256": sha, "bad_files": bad,
+            "samples": writer.samples, "bytes": size, "sha256": sha, "offsets": writer.offsets, "end": writer.end,
+            "bad_files": bad,
             "boxes_clipped": clipped, "boxes_dropped": dropped}
     write_json_atomic(fs, final + DONE_SUFFIX, meta)
     return {**meta, "skipped": False, "seconds": time.monotonic() - t0}

@@ -50,14 +50,22 @@ class _HashingWriter:
 
 
 class ShardWriter:
-    """Write samples into a tar on an open binary file; `close()` returns (byte size, sha256 hex)."""
+    """Write samples into a tar on an open binary file; `close()` returns (byte size, sha256 hex).
+
+    It records where each sample starts: `offsets[i]` is the byte offset of sample i's first tar header and
+    `end` (set by `close`) the offset of the end-of-archive marker, so a reader can fetch samples [i, j) as the
+    one byte range [offsets[i], offsets[j] or end) (prepare stores both in the shard's sidecar).
+    """
 
     def __init__(self, f: BinaryIO) -> None:
         self._out = _HashingWriter(f)
         self._tar = tarfile.open(fileobj=self._out, mode="w", format=tarfile.PAX_FORMAT)
         self.samples = 0
+        self.offsets: list[int] = []
+        self.end: int | None = None
 
     def write(self, key: str, members: dict[str, bytes]) -> None:
+        self.offsets.append(self._out.size)  # tarfile writes each header and payload through at once
         for ext, data in members.items():
             info = tarfile.TarInfo(f"{key}.{ext}")
             info.size, info.mtime, info.mode = len(data), 0, 0o644
@@ -67,6 +75,7 @@ class ShardWriter:
         self.samples += 1
 
     def close(self) -> tuple[int, str]:
+        self.end = self._out.size
         self._tar.close()
         return self._out.size, self._out.sha.hexdigest()
 
@@ -188,6 +197,22 @@ def read_samples(f: BinaryIO, shard: str, *, offset: int = 0, first_index: int =
         f.seek(pos)
     if key is not None:
         yield index, start, key, (members if index >= skip_until else None)
+
+
+def scan_offsets(f: BinaryIO, shard: str) -> tuple[list[int], int]:
+    """What ShardWriter records (each sample's first header offset, the end-of-archive offset), recovered by
+    reading the headers of an open shard and seeking past every payload (for shards without a sidecar)."""
+    offsets: list[int] = []
+    pos, key = 0, None
+    f.seek(0)
+    while (member := _next_member(f, pos, shard)) is not None:
+        mkey = split_member_name(member[0], shard)[0]
+        if mkey != key:
+            offsets.append(pos)
+            key = mkey
+        pos = member[3]
+        f.seek(pos)
+    return offsets, pos
 
 
 def file_digest(fs, path: str) -> tuple[int, str]:
