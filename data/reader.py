@@ -94,7 +94,8 @@ class RangeReader:
         offs = self.offsets(piece, shard_samples)
         start, end = offs.byte_range(piece.start, piece.start + piece.count)
         path, shard_url = f"{self.root}/{piece.name}", f"{self.url}/{piece.name}"
-        data = self._call(lambda: self.fs.cat_file(path, start, end), f"{shard_url} bytes {start}-{end}")
+        # keywords: s3fs's cat_file takes version_id second and would read the whole object
+        data = self._call(lambda: self.fs.cat_file(path, start=start, end=end), f"{shard_url} bytes {start}-{end}")
         if len(data) != end - start:
             raise ShardIntegrityError(f"{shard_url}: got {len(data)} bytes of range {start}-{end}; the shard is "
                                       "shorter than its offsets say (re-run jobs.prepare)")
