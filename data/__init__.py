@@ -20,7 +20,7 @@ from data.batch import CorruptDataError
 from data.decode import CorruptImageError, decode_pil, decode_rgb
 from data.index import DatasetIndex, ShardIndexError, ShardInfo, SplitIndex, read_index
 from data.layout import Box, ImageNetLayout, LayoutError, Sample, parse_voc_xml
-from data.loader import TrainLoader, eval_loader
+from data.loader import TrainLoader, eval_loader, train_fingerprint, train_order
 from data.options import StreamOptions
 from data.order import OrderChangedError, TrainOrder, check_same_order, order_fingerprint
 from data.prepare import prepare_dataset
@@ -39,5 +39,5 @@ __all__ = [
     "StorageError", "StreamOptions", "TrainLoader", "TrainOrder", "build_loader", "build_transform",
     "check_same_order", "decode_pil", "decode_rgb", "eval_loader", "eval_transform", "fs_and_root",
     "iter_raw_samples", "make_sample", "normalize", "order_fingerprint", "parse_voc_xml", "prepare_dataset",
-    "read_index", "retry", "train_transform", "verify_shards",
+    "read_index", "retry", "train_fingerprint", "train_order", "train_transform", "verify_shards",
 ]

@@ -48,7 +48,7 @@ class DataConfig:
     loader_workers: int = 4
     # Raw sample bytes the whole job holds for shuffling and read-ahead, each rank its share (budget / ranks):
     # two windows per slot stream, so the shuffle window = budget / (2 x G x mean sample size). Used by
-    # data.TrainLoader; ImageNet at G=1024: 4096 MB gives 18-sample windows and 512 MB per rank on 8 ranks.
+    # data.TrainLoader; ImageNet at G=1024: 4096 MB gives 19-sample windows and 512 MB per rank on 8 ranks.
     shuffle_buffer_mb: float = 1024.0
     # Samples per loader worker for the loop's current ShardStream; replaced by shuffle_buffer_mb.
     shuffle_buffer: int = 2000
