@@ -11,7 +11,7 @@ from typing import Callable
 import torch
 
 from data.decode import CorruptImageError, decode_rgb
-from data.reader import IMAGE_EXTS, Sample
+from data.reader import IMAGE_EXTS, RawSample
 from data.shards import ShardFormatError
 
 MIN_SAMPLES_FOR_CORRUPT_CHECK = 50
@@ -56,7 +56,7 @@ class BatchMaker:
     def reset(self) -> None:
         self.seen, self.corrupt, self.examples = 0, 0, []
 
-    def make(self, raw: list[Sample], seeds: list[int] | int, positions: list[int] | None = None) -> dict:
+    def make(self, raw: list[RawSample], seeds: list[int] | int, positions: list[int] | None = None) -> dict:
         """A batch of `raw`; augmentation draws from torch's RNG seeded with seeds[i] before sample i (a list)
         or once with `seeds` before the batch (an int). The caller's RNG state is left as it was. With
         `positions` (one per sample) the batch gets "position": int64 [b], those of the decoded samples."""

@@ -40,7 +40,7 @@ _M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number
 def _loader_worker_init(loader_worker: int) -> None:
     """Make glibc serve allocations of 64 KiB and more (JPEG members, window reads) with mmap, so that freeing them
     returns the memory. Otherwise glibc's dynamic threshold rises to the size of a window read and the heap
-    fragments: at the ImageNet settings this took a rank's peak PSS from 1.88 GB to 1.15 GB (BENCHMARKS.md)."""
+    fragments: at the ImageNet settings this took a rank's peak PSS from 1.88 GB to 1.26 GB (BENCHMARKS.md)."""
     try:
         libc = ctypes.CDLL("libc.so.6")
     except OSError:  # not glibc (macOS, musl): their allocators need no such setting here

@@ -22,7 +22,7 @@ READ_BLOCK = 8 << 20  # sequential reads: fsspec block size, one ranged GET per 
 END_BLOCK = b"\0" * 512  # appended to a byte range so the tar parser finds an end after its last sample
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 
-Sample = tuple[str, str, dict[str, bytes]]  # (key, shard URL, members by extension)
+RawSample = tuple[str, str, dict[str, bytes]]  # (key, shard URL, members by extension)
 
 
 class ShardReadError(StorageError):
@@ -89,7 +89,7 @@ class RangeReader:
             starts, end = scan_offsets(f, shard_url)
         return ShardOffsets(tuple(starts), end)
 
-    def read(self, piece: Piece, shard_samples: int) -> list[Sample]:
+    def read(self, piece: Piece, shard_samples: int) -> list[RawSample]:
         """The samples of a piece, in shard order, from one ranged read."""
         offs = self.offsets(piece, shard_samples)
         start, end = offs.byte_range(piece.start, piece.start + piece.count)
@@ -120,7 +120,7 @@ def _open_shard(fs, path: str):
     return fs.open(path, "rb", block_size=READ_BLOCK, cache_type="readahead")
 
 
-def read_piece(fs, root: str, url: str, piece: Piece) -> Iterator[Sample]:
+def read_piece(fs, root: str, url: str, piece: Piece) -> Iterator[RawSample]:
     """Yield (key, shard URL, members) of a piece read front to back, retrying transient errors from the last
     sample boundary (the retry policy's attempts count again after each sample read)."""
     shard_url, path = f"{url}/{piece.name}", f"{root}/{piece.name}"
@@ -237,5 +237,5 @@ class ReadAhead:
             self.cv.notify_all()
 
 
-def sample_bytes(sample: Sample) -> int:
+def sample_bytes(sample: RawSample) -> int:
     return sum(len(v) for v in sample[2].values())

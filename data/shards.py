@@ -16,9 +16,8 @@ import io
 import tarfile
 from typing import BinaryIO, Iterator
 
-import fsspec
-
 from data.index import DatasetIndex, read_index
+from data.storage import fs_and_root
 
 BLOCK = 512
 REGULAR_TYPES = (b"0", b"\0", b"7")  # regular file, old-style regular file, contiguous file
@@ -232,8 +231,7 @@ def verify_shards(url: str, splits: list[str] | None = None, *, check_sha: bool 
     Returns {"checked": n, "problems": [...]}; raises ShardIntegrityError listing the problems unless told not to.
     """
     index = index or read_index(url)
-    fs, root = fsspec.core.url_to_fs(url)
-    root = root.rstrip("/")
+    fs, root = fs_and_root(url)
     problems, checked = [], 0
     for split in splits or list(index.splits):
         for info in index.split(split, url).shards:
