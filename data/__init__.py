@@ -22,7 +22,7 @@ from data.index import DatasetIndex, ShardIndexError, ShardInfo, SplitIndex, rea
 from data.layout import Box, ImageNetLayout, LayoutError, Sample, parse_voc_xml
 from data.loader import TrainLoader, eval_loader, train_fingerprint, train_order
 from data.options import StreamOptions
-from data.order import OrderChangedError, TrainOrder, check_same_order, order_fingerprint
+from data.order import OrderChangedError, TrainOrder, check_same_order, check_world, order_fingerprint
 from data.prepare import prepare_dataset
 from data.reader import ShardReadError, iter_raw_samples
 from data.sample import make_sample
@@ -37,7 +37,7 @@ __all__ = [
     "ImageNetLayout", "LayoutError", "OrderChangedError", "Sample", "ShardFormatError", "ShardIndexError",
     "ShardInfo", "ShardIntegrityError", "ShardReadError", "ShardStream", "ShardWriter", "SplitIndex",
     "StorageError", "StreamOptions", "TrainLoader", "TrainOrder", "build_loader", "build_transform",
-    "check_same_order", "decode_pil", "decode_rgb", "eval_loader", "eval_transform", "fs_and_root",
+    "check_same_order", "check_world", "decode_pil", "decode_rgb", "eval_loader", "eval_transform", "fs_and_root",
     "iter_raw_samples", "make_sample", "normalize", "order_fingerprint", "parse_voc_xml", "prepare_dataset",
     "read_index", "retry", "train_fingerprint", "train_order", "train_transform", "verify_shards",
 ]

@@ -158,7 +158,8 @@ class TrainLoader:
         pin = torch.cuda.is_available() if opts.pin_memory is None else opts.pin_memory
         self._loader = DataLoader(self._parts, batch_size=None, num_workers=workers, persistent_workers=workers > 0,
                                   prefetch_factor=opts.prefetch_factor if workers else None, pin_memory=pin,
-                                  worker_init_fn=_loader_worker_init if workers else None)
+                                  worker_init_fn=_loader_worker_init if workers else None,
+                                  in_order=True)  # part l of step k is item (k - start) x L + l
         self.read_stats: dict[int, dict] = {}
         self._passes = 0
 

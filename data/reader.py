@@ -1,7 +1,8 @@
 """Reading samples out of tar shards over fsspec: ranged reads of sample runs through the per-sample byte offsets
 (training windows), a sequential piece reader (evaluation and raw access), and a byte-bounded read-ahead thread.
 
-Every storage call goes through the package's one retry policy (`data.storage.retry`). A shard's byte size is
+Storage calls follow the package's one retry policy (`data.storage`: `retry` for single calls; the sequential
+reader uses the same attempts and backoff, counted again after each sample it reads). A shard's byte size is
 checked against the index before its first use; unsafe tar members are refused (`data.shards`).
 """
 from __future__ import annotations
