@@ -14,24 +14,20 @@ from __future__ import annotations
 
 import hashlib
 import json
-import time
 import uuid
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, TypeVar
+from typing import Any
 
 import fsspec
+
+from data.storage import retry
 
 INDEX_NAME = "_index.json"
 LEGACY_INDEX_NAME = "index.json"  # written by versions before the `_`-prefixed layout
 META_DIR = "_meta"
 BAD_FILES_NAME = "bad_files.json"
 INDEX_FORMAT = "imagenet-ray-shards/2"
-# One retry policy for storage reads. TODO(merge): use data/storage.py's retry() (issue 9 item 10); these are the
-# numbers data/stream.py uses for shard reads.
-READ_ATTEMPTS = 4
-RETRY_BASE_S = 0.5
 
-T = TypeVar("T")
 
 
 class ShardIndexError(ValueError):
@@ -118,21 +114,6 @@ def bad_files_url(root: str) -> str:
     return f"{_root(root)}/{META_DIR}/{BAD_FILES_NAME}"
 
 
-def retry(fn: Callable[[], T], what: str, attempts: int | None = None) -> T:
-    """Call fn, retrying transient storage errors with exponential backoff; missing files and bad input are final."""
-    attempts = attempts or READ_ATTEMPTS
-    for attempt in range(1, attempts + 1):
-        try:
-            return fn()
-        except (FileNotFoundError, PermissionError, ShardIndexError):
-            raise
-        except OSError as e:
-            if attempt == attempts:
-                raise OSError(f"{what}: failed {attempts} times, last: {type(e).__name__}: {e}") from e
-            time.sleep(RETRY_BASE_S * 2 ** (attempt - 1))
-    raise AssertionError("unreachable")
-
-
 def _require(obj: dict, key: str, kind: type | tuple, where: str) -> Any:
     if not isinstance(obj, dict) or key not in obj:
         raise ShardIndexError(f"{where}: missing key {key!r}")
@@ -217,6 +198,43 @@ def check_index_unchanged(url: str, index: DatasetIndex, split: str | None = Non
             f"{index_url(url)}: {what} changed under a running job (identity {before[:12]} at start, {now[:12]} "
             "now): `jobs.prepare` was re-run into this folder. The job stops rather than mix two datasets; restart "
             "it (from its checkpoint) to train on the new index")
+
+
+# -- per-shard byte offsets -------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class ShardOffsets:
+    """Byte offset of each sample's first tar header, in sample order, and of the end-of-archive marker."""
+
+    starts: tuple[int, ...]
+    end: int
+
+    def byte_range(self, first: int, stop: int) -> tuple[int, int]:
+        """[start, end) of the bytes holding samples [first, stop) of the shard."""
+        return self.starts[first], self.starts[stop] if stop < len(self.starts) else self.end
+
+
+def read_shard_offsets(fs, root: str, name: str, samples: int) -> ShardOffsets | None:
+    """The offsets prepare stored in the sidecar of shard `name`; None when it has none (an older prepare).
+
+    `sidecar_url` is the only place that knows where sidecars live.
+    A sidecar whose offsets disagree with the index's sample count raises ShardIndexError naming it.
+    """
+    where = sidecar_url(root, name)
+    try:
+        meta = json.loads(fs.cat_file(where))
+    except FileNotFoundError:
+        return None
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ShardIndexError(f"{where}: not valid JSON ({e}); re-run jobs.prepare") from e
+    if not isinstance(meta, dict) or "offsets" not in meta:
+        return None
+    starts, end = meta["offsets"], meta.get("end")
+    if (not isinstance(starts, list) or len(starts) != samples or not isinstance(end, int)
+            or not all(isinstance(x, int) for x in starts) or any(b <= a for a, b in zip(starts, starts[1:] + [end]))):
+        raise ShardIndexError(f"{where}: 'offsets' must be {samples} increasing byte offsets (_index.json's count) "
+                              f"followed by an 'end' offset; re-run jobs.prepare")
+    return ShardOffsets(tuple(starts), end)
 
 
 def write_json_atomic(fs, path: str, obj: Any) -> None:

@@ -30,9 +30,10 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-import fsspec
 from defusedxml import ElementTree as SafeET
 from defusedxml.common import DefusedXmlException
+
+from data.storage import fs_and_root
 
 DATA_DIR = "ILSVRC/Data/CLS-LOC"
 ANNOTATION_DIR = "ILSVRC/Annotations/CLS-LOC"
@@ -213,8 +214,7 @@ class ImageNetLayout:
 
     def __init__(self, url: str) -> None:
         self.url = url.rstrip("/")
-        self.fs, root = fsspec.core.url_to_fs(self.url)
-        self.root = root.rstrip("/")
+        self.fs, self.root = fs_and_root(self.url)
         text = self._read_text(SYNSET_MAPPING)
         self.classes, self.class_names = parse_synset_mapping(text, self._where(SYNSET_MAPPING))
         self.class_index = {w: i for i, w in enumerate(self.classes)}

@@ -43,11 +43,11 @@ from data.index import (LEGACY_INDEX_NAME, META_DIR, DatasetIndex, ShardIndexErr
                         index_url, read_index, sidecar_url, write_index, write_json_atomic)
 from data.layout import SPLITS, Box, ImageNetLayout, LayoutError, Sample, clip_boxes
 from data.shards import ShardWriter, file_digest
+from data.storage import retry
 
 DEFAULT_SHARD_SIZE = 1000  # ~110 MB of ImageNet JPEGs: big enough to stream, small enough to spread over tasks
 TMP_MARK = ".tmp-"
 READ_BATCH = 64  # source files fetched per request batch (concurrent on object stores)
-READ_ATTEMPTS = 3
 PROGRESS_EVERY_S = 5.0
 
 
@@ -114,27 +114,23 @@ def shard_done(fs, root: str, plan: ShardPlan, check_sha: bool = True) -> dict |
 def _read_sources(fs, root: str, samples: tuple[Sample, ...]) -> list[bytes]:
     """Fetch the source files of a batch (one concurrent batch on async filesystems such as s3fs/gcsfs)."""
     paths = [f"{root}/{s.path}" for s in samples]
-    for attempt in range(READ_ATTEMPTS):
-        try:
-            if getattr(fs, "async_impl", False):
-                got = fs.cat(paths, on_error="return")
-                got = {fs._strip_protocol(k): v for k, v in got.items()}
-                out = [got.get(fs._strip_protocol(p), FileNotFoundError(p)) for p in paths]
-            else:
-                out = [_cat_or_error(fs, p) for p in paths]
-            for p, v in zip(paths, out):
-                if isinstance(v, FileNotFoundError):
-                    raise LayoutError(f"{p}: listed in the layout but missing when read")
-                if isinstance(v, BaseException):
-                    raise v
-            return out
-        except LayoutError:
-            raise
-        except Exception as e:  # transient storage errors: back off and retry the batch
-            if attempt == READ_ATTEMPTS - 1:
-                raise OSError(f"reading {len(paths)} source files from {paths[0]} ...: {e}") from e
-            time.sleep(0.5 * 2 ** attempt)
-    raise AssertionError("unreachable")
+    return retry(functools.partial(_read_batch, fs, paths), f"reading {len(paths)} source files from {paths[0]} ...",
+                 error=OSError, not_retried=(LayoutError,))
+
+
+def _read_batch(fs, paths: list[str]) -> list[bytes]:
+    if getattr(fs, "async_impl", False):
+        got = fs.cat(paths, on_error="return")
+        got = {fs._strip_protocol(k): v for k, v in got.items()}
+        out = [got.get(fs._strip_protocol(p), FileNotFoundError(p)) for p in paths]
+    else:
+        out = [_cat_or_error(fs, p) for p in paths]
+    for p, v in zip(paths, out):
+        if isinstance(v, FileNotFoundError):
+            raise LayoutError(f"{p}: listed in the layout but missing when read")
+        if isinstance(v, BaseException):
+            raise v
+    return out
 
 
 def _cat_or_error(fs, path: str) -> bytes | BaseException:
@@ -162,27 +158,10 @@ def _sample_json(sample: Sample, image: StoredImage) -> tuple[bytes, int, int]:
     return json.dumps(meta, separators=(",", ":")).encode(), clipped, dropped
 
 
-class _CountingFile:
-    """Counts the bytes written through it, so prepare can record each sample's offset (ShardWriter writes
-    straight through: tarfile in "w" mode does not buffer)."""
-
-    def __init__(self, f: BinaryIO) -> None:
-        self.f, self.written = f, 0
-
-    def write(self, data: bytes) -> int:
-        self.f.write(data)
-        self.written += len(data)
-        return len(data)
-
-    def tell(self) -> int:
-        return self.written
-
-
 def _write_tar(src_fs, src_root: str, plan: ShardPlan, options: StoreOptions, f: BinaryIO) -> dict:
     """Write the plan's samples into `f`; returns the sidecar fields that describe the content."""
-    counting = _CountingFile(f)
-    writer = ShardWriter(counting)
-    bad, offsets, clipped, dropped, reencoded = [], [], 0, 0, {}
+    writer = ShardWriter(f)
+    bad, clipped, dropped, reencoded = [], 0, 0, {}
     for start in range(0, len(plan.samples), READ_BATCH):
         batch = plan.samples[start:start + READ_BATCH]
         for sample, data in zip(batch, _read_sources(src_fs, src_root, batch)):
@@ -199,11 +178,9 @@ def _write_tar(src_fs, src_root: str, plan: ShardPlan, options: StoreOptions, f:
             if sample.label >= 0:
                 members["cls"] = str(sample.label).encode()
             members["json"] = meta
-            offsets.append(counting.tell())
             writer.write(sample.key, members)
-    end = counting.tell()
     size, sha = writer.close()
-    return {"samples": writer.samples, "bytes": size, "sha256": sha, "offsets": offsets, "end": end,
+    return {"samples": writer.samples, "bytes": size, "sha256": sha, "offsets": writer.offsets, "end": writer.end,
             "bad_files": bad, "boxes_clipped": clipped, "boxes_dropped": dropped, "reencoded": reencoded}
 
 

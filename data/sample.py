@@ -13,12 +13,12 @@ from __future__ import annotations
 import io
 import math
 
-import fsspec
 import numpy as np
 from PIL import Image, ImageDraw
 
 from data.layout import (ANNOTATION_DIR, DATA_DIR, IMAGESETS_DIR, SAMPLE_SUBMISSION, SYNSET_MAPPING,
                          TRAIN_SOLUTION, VAL_SOLUTION)
+from data.storage import fs_and_root
 
 CSV_HEADER = "ImageId,PredictionString"
 Points = list[tuple[float, float]]
@@ -240,8 +240,7 @@ def make_sample(out_url: str, classes: int = 5, per_class: int = 200, val_per_cl
 
 def _write_all(out_url: str, files: dict[str, bytes]) -> None:
     """Write every file; parent folders first (local filesystems need them), then one batched `pipe`."""
-    fs, root = fsspec.core.url_to_fs(out_url)
-    root = root.rstrip("/")
+    fs, root = fs_and_root(out_url)
     for folder in sorted({p.rsplit("/", 1)[0] for p in files if "/" in p} | {""}):
         fs.makedirs(f"{root}/{folder}".rstrip("/"), exist_ok=True)
     fs.pipe({f"{root}/{p}": data for p, data in files.items()})

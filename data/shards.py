@@ -16,9 +16,8 @@ import io
 import tarfile
 from typing import BinaryIO, Iterator
 
-import fsspec
-
 from data.index import DatasetIndex, read_index
+from data.storage import fs_and_root
 
 BLOCK = 512
 REGULAR_TYPES = (b"0", b"\0", b"7")  # regular file, old-style regular file, contiguous file
@@ -50,14 +49,22 @@ class _HashingWriter:
 
 
 class ShardWriter:
-    """Write samples into a tar on an open binary file; `close()` returns (byte size, sha256 hex)."""
+    """Write samples into a tar on an open binary file; `close()` returns (byte size, sha256 hex).
+
+    It records where each sample starts: `offsets[i]` is the byte offset of sample i's first tar header and
+    `end` (set by `close`) the offset of the end-of-archive marker, so a reader can fetch samples [i, j) as the
+    one byte range [offsets[i], offsets[j] or end) (prepare stores both in the shard's sidecar).
+    """
 
     def __init__(self, f: BinaryIO) -> None:
         self._out = _HashingWriter(f)
         self._tar = tarfile.open(fileobj=self._out, mode="w", format=tarfile.PAX_FORMAT)
         self.samples = 0
+        self.offsets: list[int] = []
+        self.end: int | None = None
 
     def write(self, key: str, members: dict[str, bytes]) -> None:
+        self.offsets.append(self._out.size)  # tarfile writes each header and payload through at once
         for ext, data in members.items():
             info = tarfile.TarInfo(f"{key}.{ext}")
             info.size, info.mtime, info.mode = len(data), 0, 0o644
@@ -67,6 +74,7 @@ class ShardWriter:
         self.samples += 1
 
     def close(self) -> tuple[int, str]:
+        self.end = self._out.size
         self._tar.close()
         return self._out.size, self._out.sha.hexdigest()
 
@@ -190,6 +198,22 @@ def read_samples(f: BinaryIO, shard: str, *, offset: int = 0, first_index: int =
         yield index, start, key, (members if index >= skip_until else None)
 
 
+def scan_offsets(f: BinaryIO, shard: str) -> tuple[list[int], int]:
+    """What ShardWriter records (each sample's first header offset, the end-of-archive offset), recovered by
+    reading the headers of an open shard and seeking past every payload (for shards without a sidecar)."""
+    offsets: list[int] = []
+    pos, key = 0, None
+    f.seek(0)
+    while (member := _next_member(f, pos, shard)) is not None:
+        mkey = split_member_name(member[0], shard)[0]
+        if mkey != key:
+            offsets.append(pos)
+            key = mkey
+        pos = member[3]
+        f.seek(pos)
+    return offsets, pos
+
+
 def file_digest(fs, path: str) -> tuple[int, str]:
     """(byte size, sha256 hex) of a stored file, read in blocks."""
     sha, size = hashlib.sha256(), 0
@@ -202,13 +226,12 @@ def file_digest(fs, path: str) -> tuple[int, str]:
 
 def verify_shards(url: str, splits: list[str] | None = None, *, check_sha: bool = True,
                   raise_on_error: bool = True, index: DatasetIndex | None = None) -> dict:
-    """Check every indexed shard's byte size (and sha256, which reads each shard fully) against index.json.
+    """Check every indexed shard's byte size (and sha256, which reads each shard fully) against _index.json.
 
     Returns {"checked": n, "problems": [...]}; raises ShardIntegrityError listing the problems unless told not to.
     """
     index = index or read_index(url)
-    fs, root = fsspec.core.url_to_fs(url)
-    root = root.rstrip("/")
+    fs, root = fs_and_root(url)
     problems, checked = [], 0
     for split in splits or list(index.splits):
         for info in index.split(split, url).shards:

@@ -37,10 +37,20 @@ class DataConfig:
     # Shards written by `python -m jobs.prepare` (any fsspec URL: local path, s3://, gs://).
     url: str = "demo_data/shards"
     image_size: int = 224
-    # Per worker; the global batch is batch_size * num_workers (and scales the learning rate).
+    # Samples per optimizer step over all ranks (G), fixed for a run: each of the ranks present takes
+    # G / ranks (the rank count must divide G). With run.seed and shuffle_buffer_mb it defines the training
+    # order (data/order.py), which no rank or loader-worker count changes. Used by data.TrainLoader.
+    global_batch_size: int = 256
+    # Per rank, for the loop's current ShardStream (global batch = batch_size x ranks); replaced by
+    # global_batch_size when the loop moves to data.TrainLoader.
     batch_size: int = 64
     eval_batch_size: int = 128
     loader_workers: int = 4
+    # Raw sample bytes the whole job holds for shuffling and read-ahead, each rank its share (budget / ranks):
+    # two windows per slot stream, so the shuffle window = budget / (2 x G x mean sample size). Used by
+    # data.TrainLoader; ImageNet at G=1024: 4096 MB gives 19-sample windows and 512 MB per rank on 8 ranks.
+    shuffle_buffer_mb: float = 1024.0
+    # Samples per loader worker for the loop's current ShardStream; replaced by shuffle_buffer_mb.
     shuffle_buffer: int = 2000
     # RandomResizedCrop's area range; (0.08, 1) is the Inception/torchvision default for ImageNet.
     crop_scale: list = field(default_factory=lambda: [0.08, 1.0])
@@ -48,6 +58,22 @@ class DataConfig:
     auto_augment: str | None = None
     # Above this fraction of undecodable images the run stops with the offending keys.
     max_corrupt_fraction: float = 0.01
+
+
+def validate_data(data: DataConfig) -> None:
+    """Value checks of the data section, each naming its key."""
+    for key in ("image_size", "global_batch_size", "batch_size", "eval_batch_size", "shuffle_buffer_mb"):
+        if getattr(data, key) <= 0:
+            raise ConfigError(f"config key 'data.{key}' must be > 0, got {getattr(data, key)}")
+    for key in ("loader_workers", "shuffle_buffer"):
+        if getattr(data, key) < 0:
+            raise ConfigError(f"config key 'data.{key}' must be >= 0, got {getattr(data, key)}")
+    if not 0 <= data.max_corrupt_fraction <= 1:
+        raise ConfigError(f"config key 'data.max_corrupt_fraction' must lie in [0, 1], got {data.max_corrupt_fraction}")
+    scale = data.crop_scale
+    if (len(scale) != 2 or not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in scale)
+            or not 0 < scale[0] <= scale[1] <= 1):
+        raise ConfigError(f"config key 'data.crop_scale' must be [low, high] with 0 < low <= high <= 1, got {scale}")
 
 
 @dataclass(frozen=True)
@@ -244,8 +270,9 @@ def validate(cfg: Config) -> None:
         section, key = dotted.split(".")
         if tree[section][key] not in choices:
             raise ConfigError(f"config key '{dotted}' = {tree[section][key]!r}; valid: {', '.join(map(repr, choices))}")
-    positive = ["data.image_size", "data.batch_size", "data.eval_batch_size", "run.num_workers",
-                "run.checkpoint_every_steps", "run.log_every_steps", "schedule.epochs", "run.cpus_per_worker"]
+    validate_data(cfg.data)
+    positive = ["run.num_workers", "run.checkpoint_every_steps", "run.log_every_steps", "schedule.epochs",
+                "run.cpus_per_worker"]
     for dotted in positive:
         section, key = dotted.split(".")
         if tree[section][key] <= 0:

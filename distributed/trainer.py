@@ -91,7 +91,7 @@ def build_summary(cfg: Config, run: RunFolder, result, launch_id: str, wall: flo
         "best_checkpoint": join(run.uri, os.path.basename(best_ckpts[0][0].path.rstrip("/")))
         if best_ckpts else checkpoint,
         "corrupt_images_skipped": (final["corrupt_val"] + final.get("corrupt_train", 0)) if final else 0,
-        # Undecodable files found by jobs.prepare: listed in bad_files.json beside the shards, never in them.
+        # Undecodable files found by jobs.prepare: listed in _meta/bad_files.json beside the shards, never in them.
         "bad_files_excluded_by_prepare": read_index(cfg.data.url).bad_files,
         "run_uri": run.uri,
     }

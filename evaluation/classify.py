@@ -125,7 +125,7 @@ def evaluate_checkpoint(ck: CheckpointWeights, data_url: str, split: str = "val"
     out = evaluate_model(model, loader, index.num_classes)
     seen, expected = int(out["centre"].confusion.sum()) + len(out["corrupt"]), index.split(split, data_url).samples
     if seen != expected:  # never report a figure over a silently different set of images
-        raise RuntimeError(f"{data_url} split {split!r}: evaluated {seen} samples, index.json lists {expected}")
+        raise RuntimeError(f"{data_url} split {split!r}: evaluated {seen} samples, _index.json lists {expected}")
     return {"kind": EVALUATE_KIND, "checkpoint": ck.url, "model": ck.cfg.model.name,
             "model_kwargs": ck.cfg.model.kwargs, "weights": ck.source, "step": ck.step, "epoch": ck.epoch,
             "data": data_url, "split": split, "image_size": image_size, "corrupt": out["corrupt"],

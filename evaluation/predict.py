@@ -5,7 +5,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-from typing import Iterator
 
 import fsspec
 import torch
@@ -14,7 +13,7 @@ from torch import nn
 from data import read_index
 from data.decode import CorruptImageError, decode_rgb
 from data.shards import ShardFormatError
-from data.stream import pieces_of, rank_range, read_piece
+from data.reader import iter_raw_samples
 from data.transforms import eval_transform, normalize
 from distributed.config import config_from_dict
 from distributed.run_folder import storage_uri
@@ -22,20 +21,6 @@ from evaluation.checkpoints import CheckpointWeights, build_inference_model, def
 from evaluation.localize import (CAM_THRESHOLD, TOP_K, cam_box, cam_forward, cam_head, class_activation_maps,
                                  crop_box_to_original, eval_geometry, localization_correct, model_has_cam)
 from evaluation.report import PREDICT_KIND
-
-
-def iter_raw_samples(url: str, split: str, rank: int, world_size: int) -> Iterator[tuple[str, dict[str, bytes]]]:
-    """(key, members) of a rank's contiguous range of a split, in index order (the loader's evaluation ranges).
-
-    The loader yields transformed pixels only; boxes need the original size and the shard's `<key>.json`.
-    """
-    url = url.rstrip("/")
-    info = read_index(url).split(split, url)
-    start, size = rank_range(info.samples, rank, world_size, train=False)
-    fs, root = fsspec.core.url_to_fs(url)
-    for piece in pieces_of(info.shards, start, start + size):
-        for key, _, members in read_piece(fs, root.rstrip("/"), url, piece):
-            yield key, members
 
 
 def sample_truth(key: str, members: dict[str, bytes], class_index: dict[str, int]) -> tuple[int, list]:
@@ -46,7 +31,7 @@ def sample_truth(key: str, members: dict[str, bytes], class_index: dict[str, int
     meta = json.loads(members["json"])
     unknown = sorted({b["wnid"] for b in meta.get("boxes", [])} - set(class_index))
     if unknown:
-        raise ShardFormatError(f"sample {key!r} has boxes of wnids {unknown} that are not in index.json's classes")
+        raise ShardFormatError(f"sample {key!r} has boxes of wnids {unknown} that are not in _index.json's classes")
     return label, [(class_index[b["wnid"]], (b["xmin"], b["ymin"], b["xmax"], b["ymax"]))
                    for b in meta.get("boxes", [])]
 
@@ -110,7 +95,7 @@ def run_predictions(ck: CheckpointWeights, url: str, split: str, *, workers: int
     """Predict a whole split: in this process (workers=1) or one Ray task per rank range (Ray already up).
 
     Tasks run on a GPU when given one (`gpus_per_worker`), else on their CPU. Every sample is predicted exactly
-    once: the record count is checked against index.json.
+    once: the record count is checked against _index.json.
     """
     url = storage_uri(url)  # Ray workers do not run in this process's directory: hand them absolute local paths
     index = read_index(url)

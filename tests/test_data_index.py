@@ -5,6 +5,7 @@ import os
 import pytest
 
 import data.index as index_module
+import data.storage as storage
 from data.index import (DatasetIndex, IndexChangedError, ShardIndexError, ShardInfo, SplitIndex, bad_files_url,
                         check_index_unchanged, index_url, read_index, sidecar_url, write_index)
 
@@ -66,7 +67,7 @@ def test_a_reader_notices_a_changed_index(tmp_path):
 
 def test_transient_read_errors_are_retried_missing_files_are_not(tmp_path, monkeypatch):
     write_index(str(tmp_path), _index())
-    monkeypatch.setattr(index_module, "RETRY_BASE_S", 0.0)
+    monkeypatch.setattr(storage, "BASE_DELAY_S", 0.0)
     real, failures = index_module.fsspec.implementations.local.LocalFileSystem.cat_file, []
 
     def flaky(self, path, *a, **k):
@@ -78,8 +79,8 @@ def test_transient_read_errors_are_retried_missing_files_are_not(tmp_path, monke
     monkeypatch.setattr(index_module.fsspec.implementations.local.LocalFileSystem, "cat_file", flaky)
     assert read_index(str(tmp_path)).identity == _index().identity and len(failures) == 2
     failures.clear()
-    monkeypatch.setattr(index_module, "READ_ATTEMPTS", 2)
-    with pytest.raises(OSError, match=r"_index.json: failed 2 times, last: ConnectionError"):
+    monkeypatch.setattr(storage, "ATTEMPTS", 2)
+    with pytest.raises(OSError, match=r"_index.json: failed 2 times in a row, last: ConnectionError"):
         read_index(str(tmp_path))
     with pytest.raises(ShardIndexError, match="not found"):
         read_index(str(tmp_path / "absent"))

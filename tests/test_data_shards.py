@@ -1,4 +1,4 @@
-"""Tar shards: round trip, refusal of unsafe members, integrity checks, index.json errors."""
+"""Tar shards: round trip, refusal of unsafe members, integrity checks, _index.json errors."""
 import io
 import json
 import tarfile

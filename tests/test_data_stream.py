@@ -1,51 +1,14 @@
 """ShardStream: exact partition over ranks and loader workers, resume, determinism, corrupt and flaky input."""
-import io
-import json
-
-import fsspec
 import pytest
 import torch
-from PIL import Image
 from torch.utils.data import DataLoader
 
-import data.stream as stream
-from data.index import DatasetIndex, ShardInfo, SplitIndex, write_index
-from data.shards import ShardIntegrityError, ShardWriter
+import data.reader as reader
+import data.storage as storage
+from data.shards import ShardIntegrityError
 from data.stream import CorruptDataError, ShardReadError, ShardStream, build_loader
 from data.transforms import train_transform
-
-
-def _jpeg(i: int) -> bytes:
-    buf = io.BytesIO()
-    Image.new("RGB", (12 + i % 5, 10 + i % 3), ((i * 37) % 256, (i * 91) % 256, (i * 53) % 256)).save(buf, "JPEG")
-    return buf.getvalue()
-
-
-def build(url: str, sizes: list[int], split: str = "train", corrupt: set[int] = frozenset(),
-          labels: bool = True) -> list[str]:
-    """Write shards of the given sizes and an index; returns every key in index order."""
-    fs, root = fsspec.core.url_to_fs(url)
-    fs.makedirs(f"{root}/{split}", exist_ok=True)
-    shards, keys, i = [], [], 0
-    for n, size in enumerate(sizes):
-        name = f"{split}/{split}-{n:06d}.tar"
-        buf = io.BytesIO()
-        w = ShardWriter(buf)
-        for _ in range(size):
-            key = f"s{i:04d}"
-            members = {"jpg": b"\xff\xd8 broken" if i in corrupt else _jpeg(i)}
-            if labels:
-                members["cls"] = str(i % 5).encode()
-            members["json"] = json.dumps({"key": key}).encode()
-            w.write(key, members)
-            keys.append(key)
-            i += 1
-        nbytes, sha = w.close()
-        fs.pipe_file(f"{root}/{name}", buf.getvalue())
-        shards.append(ShardInfo(name, size, nbytes, sha))
-    write_index(url, DatasetIndex([f"n{c:08d}" for c in range(5)], list("abcde"),
-                                  {split: SplitIndex(shards, sum(sizes))}))
-    return keys
+from tests.shard_data import build
 
 
 def resize8(img: torch.Tensor) -> torch.Tensor:
@@ -179,7 +142,7 @@ def test_shard_size_is_checked_against_the_index(tmp_path):
     build(url, [8, 8])
     with open(tmp_path / "train/train-000001.tar", "ab") as f:
         f.write(b"\0" * 512)
-    with pytest.raises(ShardIntegrityError, match=r"train-000001.tar: \d+ bytes, index.json says"):
+    with pytest.raises(ShardIntegrityError, match=r"train-000001.tar: \d+ bytes, _index.json says"):
         batches(url, shuffle_buffer=1)
 
 
@@ -208,8 +171,8 @@ class FlakyFile:
 def test_transient_errors_are_retried_from_the_last_boundary(dataset, monkeypatch):
     url, _ = dataset
     expected = keys_of(batches(url, num_workers=2, seed=9))
-    monkeypatch.setattr(stream, "RETRY_BASE_S", 0)
-    real = stream._open_shard
+    monkeypatch.setattr(storage, "BASE_DELAY_S", 0)
+    real = reader._open_shard
     state = {"reads": 0, "opens": 0}
 
     def flaky_open(fs, path):
@@ -218,19 +181,19 @@ def test_transient_errors_are_retried_from_the_last_boundary(dataset, monkeypatc
             raise OSError("503 Slow Down")
         return FlakyFile(real(fs, path), 25, state)
 
-    monkeypatch.setattr(stream, "_open_shard", flaky_open)
+    monkeypatch.setattr(reader, "_open_shard", flaky_open)
     assert keys_of(batches(url, num_workers=2, seed=9)) == expected
     assert state["reads"] > 25
 
 
 def test_persistent_errors_name_the_shard(dataset, monkeypatch):
     url, _ = dataset
-    monkeypatch.setattr(stream, "RETRY_BASE_S", 0)
+    monkeypatch.setattr(storage, "BASE_DELAY_S", 0)
 
     def broken(fs, path):
         raise OSError("connection refused")
 
-    monkeypatch.setattr(stream, "_open_shard", broken)
+    monkeypatch.setattr(reader, "_open_shard", broken)
     with pytest.raises(ShardReadError, match=r"train-00000\d.tar: read failed 4 times in a row.*connection refused"):
         batches(url)
 
