@@ -2,9 +2,9 @@
 
     python -m jobs.demo [--set key=value ...]
 
-Everything lands under demo_data/ (dataset, shards) and runs/demo/ (checkpoints, metrics, summary.json,
+Everything lands under demo_data/ (dataset, shards: data.url) and runs/demo/ (checkpoints, metrics, summary.json,
 curves.png). Running it again resumes the run named `demo` from its latest checkpoint, or, when it has
-finished, prints its summary again.
+finished, prints its summary again. It ends with the commands to run next: evaluate, predict, TensorBoard.
 """
 from __future__ import annotations
 
@@ -13,33 +13,51 @@ import os
 import sys
 
 from data.index import index_url
+from distributed.config import ConfigError, load_config
+from distributed.run_folder import join
 
 RAW = "demo_data/raw"
-SHARDS = "demo_data/shards"
 CONFIG = "configs/demo.yaml"
 
 
-def ensure_dataset(raw: str = RAW, shards: str = SHARDS) -> None:
+def ensure_dataset(raw: str, shards: str) -> None:
+    """Write the sample dataset to `raw` unless it is there; prepare it into `shards` unless they are there."""
     from data import make_sample
 
+    if os.path.exists(index_url(shards)):
+        return
     if not os.path.exists(os.path.join(raw, "LOC_synset_mapping.txt")):
         report = make_sample(raw, seed=0)
         print(f"[demo] wrote the sample dataset to {raw}: {report['classes']} classes "
               f"({', '.join(report['class_names'])}), {report['train']} train / {report['val']} val images", flush=True)
-    if not os.path.exists(index_url(shards)):
-        from jobs.prepare import prepare
+    from jobs.prepare import prepare
 
-        prepare(raw, shards, shard_size=250)
+    prepare(raw, shards, shard_size=250)
+
+
+def next_steps(run: str) -> list[str]:
+    """The two lines printed last: what to run on the finished run folder."""
+    return [f"[demo] next: python -m jobs.evaluate --checkpoint {run}   then   python -m jobs.predict "
+            f"--checkpoint {run} --split test --out {join(run, 'submission.csv')}",
+            f"[demo] curves: tensorboard --logdir {join(run, 'tensorboard')}   (or open {join(run, 'curves.png')})"]
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     args = p.parse_args(argv)
-    ensure_dataset()
+    try:
+        cfg = load_config(CONFIG, args.overrides)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    ensure_dataset(RAW, cfg.data.url)
     from jobs.train import main as train
 
-    return train(["--config", CONFIG, *sum((["--set", o] for o in args.overrides), [])])
+    code = train(["--config", CONFIG, *sum((["--set", o] for o in args.overrides), [])])
+    if code == 0:
+        print("\n".join(next_steps(join(cfg.run.storage_path, cfg.run.name))), flush=True)
+    return code
 
 
 if __name__ == "__main__":
