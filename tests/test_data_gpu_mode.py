@@ -145,3 +145,12 @@ def test_gpu_mode_on_cuda_matches_the_cpu_path(dataset):
         assert g["image"].is_cuda and g["label"].is_cuda and g["key"] == c["key"]
         assert (g["image"].cpu() - c["image"]).abs().mean() < 2 * LEVEL  # nvJPEG's IDCT differs by a step or two
     loader.close()
+
+
+def test_the_config_key_reaches_the_loader_options(dataset):
+    from distributed.config import ConfigError, load_config
+
+    cfg = load_config(None, [f"data.url={dataset}", "data.decode=gpu"])
+    assert StreamOptions.from_config(cfg.data, seed=0).decode == "gpu"
+    with pytest.raises(ConfigError, match="'data.decode' is 'dali'; valid: 'cpu', 'gpu'"):
+        load_config(None, ["data.decode=dali"])
