@@ -25,6 +25,7 @@ MIN_SAMPLES_FOR_CORRUPT_CHECK = 50
 EXAMPLES = 5
 
 Row = torch.Tensor | tuple[bytes, Crop]  # a decoded uint8 image, or (compressed bytes, crop) in encoded mode
+BATCH_FIELDS = ("image", "image_offsets", "crop", "label", "key", "corrupt", "position", "step")
 
 
 class CorruptDataError(RuntimeError):
@@ -142,19 +143,22 @@ class CorruptTally:
 
 
 def pack_encoded(rows: list[tuple[bytes, Crop]]) -> dict:
-    """The encoded-mode image fields of a batch: bytes concatenated, their offsets, the crops."""
-    sizes = [len(data) for data, _ in rows]
-    offsets = np.concatenate([[0], np.cumsum(sizes, dtype=np.int64)]) if rows else np.zeros(1, dtype=np.int64)
-    packed = torch.empty(int(offsets[-1]), dtype=torch.uint8)
-    view = packed.numpy()
-    for (data, _), start, stop in zip(rows, offsets[:-1], offsets[1:]):
-        view[start:stop] = np.frombuffer(data, dtype=np.uint8)
-    crops = torch.tensor([list(crop[:4]) + [int(crop.flip)] for _, crop in rows], dtype=torch.int64).view(-1, 5)
-    return {"image": packed, "image_offsets": torch.from_numpy(offsets), "crop": crops}
+    """The encoded-mode image fields of a batch: bytes concatenated (one copy), their offsets, the crops."""
+    offsets = [0]
+    for data, _ in rows:
+        offsets.append(offsets[-1] + len(data))
+    packed = bytearray(offsets[-1])
+    for (data, _), start, stop in zip(rows, offsets, offsets[1:]):
+        packed[start:stop] = data
+    crops = torch.tensor([(*crop[:4], int(crop.flip)) for _, crop in rows], dtype=torch.int64).view(-1, 5)
+    return {"image": torch.frombuffer(packed, dtype=torch.uint8) if packed else torch.empty(0, dtype=torch.uint8),
+            "image_offsets": torch.tensor(offsets, dtype=torch.int64), "crop": crops}
 
 
 def join_batches(parts: list[dict]) -> dict:
     """One batch from parts, in order (decoded or encoded alike); "position" and "step" kept when present."""
+    if len(parts) == 1:  # one loader worker (or none): nothing to copy
+        return {k: v for k, v in parts[0].items() if k in BATCH_FIELDS}
     out: dict = {"label": torch.cat([p["label"] for p in parts]), "key": [k for p in parts for k in p["key"]],
                  "corrupt": [k for p in parts for k in p["corrupt"]], "image": torch.cat([p["image"] for p in parts])}
     if "crop" in parts[0]:
