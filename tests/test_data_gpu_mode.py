@@ -152,3 +152,20 @@ def test_the_config_key_reaches_the_loader_options(dataset):
     assert StreamOptions.from_config(cfg.data, seed=0).decode == "gpu"
     with pytest.raises(ConfigError, match="'data.auto_augment' .* needs data.decode 'cpu'"):
         load_config(None, ["data.decode=gpu", "data.auto_augment=trivialaugment"])
+
+
+def test_the_gpu_check_drives_the_gpu_mode(dataset):
+    """benchmarks.gpu_adapters: the device check's input part, here with the CPU stand-in for the device."""
+    from benchmarks import gpu_adapters as adapt
+
+    cpu = adapt.train_loader(dataset, batch=6, image_size=8, workers=0, epoch=2, decode="cpu")
+    gpu = adapt.train_loader(dataset, batch=6, image_size=8, workers=1, epoch=2, decode="gpu")
+    for _, c, g in zip(range(3), cpu, gpu):
+        assert "crop" in g and g["key"] == c["key"]
+        images, labels = adapt.to_device(g, torch.device("cpu"), True, 8)
+        reference, _ = adapt.to_device(c, torch.device("cpu"), True)
+        assert images.shape == (6, 3, 8, 8) and images.is_contiguous(memory_format=torch.channels_last)
+        assert torch.equal(labels, c["label"]) and (images - reference).abs().max() <= LEVEL * 1.01
+    cpu.close()
+    gpu.close()
+    assert adapt.gpu_decode_status()["path"].startswith("TrainLoader(decode='gpu')")
