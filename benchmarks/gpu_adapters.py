@@ -7,7 +7,6 @@ has none (distributed/loop.py imports it; config, strategies, loss, checkpoint, 
 from __future__ import annotations
 
 import importlib
-import inspect
 import os
 import socket
 import time
@@ -108,40 +107,48 @@ def make_sample_shards(workdir: Path, classes: int, per_class: int) -> dict:
 
 
 def train_loader(url: str, *, batch: int, image_size: int, workers: int, seed: int = 0, epoch: int = 0,
-                 start_batch: int = 0, shuffle_buffer: int = 512, decode: str = "cpu"):
-    """The training loader of one rank (world 1): uint8 batches, augmentation on, exact resume at start_batch."""
-    from data import build_loader
+                 start_batch: int = 0, decode: str = "cpu"):
+    """One rank's (world 1) batches of `data.TrainLoader` for an epoch from `start_batch`: global batch `batch`,
+    augmentation on, exact resume. decode="cpu": uint8 images decoded crop first in the loader workers;
+    decode="gpu": compressed bytes + crops, decoded by `to_device` on the device. The loader closes with the
+    iterator."""
+    from data import StreamOptions, TrainLoader
 
-    kwargs = {}
-    if decode != "cpu":
-        kwargs["decode_device"] = decode
-    return build_loader(url, "train", batch_size=batch, rank=0, world_size=1, train=True, image_size=image_size,
-                        num_workers=workers, seed=seed, epoch=epoch, start_batch=start_batch,
-                        shuffle_buffer=shuffle_buffer, **kwargs)
+    opts = StreamOptions(url, image_size=image_size, global_batch_size=batch, loader_workers=workers, seed=seed,
+                         decode=decode)
+    loader = TrainLoader(opts, 0, 1)
+    try:
+        yield from loader.epoch(epoch, start_batch)
+    finally:
+        loader.close()
 
 
-def to_device(batch: dict, device: torch.device, channels_last: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """A loader batch as the loop feeds it: uint8 images normalised on the device, int64 labels."""
-    from data import normalize
+def to_device(batch: dict, device: torch.device, channels_last: bool,
+              image_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """A loader batch as the loop feeds it (`data.device_batch`, either decode mode): normalised float images and
+    int64 labels on the device. `image_size` is needed for decode="gpu" batches only."""
+    from data import device_batch
 
-    images = normalize(batch["image"], device=device, channels_last=channels_last)
-    return images, batch["label"].to(device, non_blocking=True)
+    if image_size is None and "crop" in batch:
+        raise ValueError("a decode='gpu' batch needs image_size (the output side of the device decode)")
+    out = device_batch(batch, device, image_size or 0, channels_last)
+    return out["image"], out["label"]
 
 
 def gpu_decode_status() -> dict:
-    """Which GPU-decode path this branch has: `data.gpu_decode` (batched nvJPEG, issue 12) and/or the stream's
-    per-image nvJPEG (`build_loader(decode_device=...)`). The check drives the latter when present."""
-    status: dict = {"data.gpu_decode": "absent"}
+    """Which GPU-decode path this branch has: `data.TrainLoader(decode="gpu")` + `data.device_batch` (batched nvJPEG
+    through `data.gpu_decode.decode_batch`, issue 12). The check drives it when present."""
+    status: dict = {"data.gpu_decode": "absent", "path": None}
     try:
         module = importlib.import_module("data.gpu_decode")
-        status["data.gpu_decode"] = "present"
-        status["data.gpu_decode_names"] = sorted(n for n in dir(module) if not n.startswith("_"))
     except ImportError:
-        pass
-    from data import build_loader
+        return status
+    status["data.gpu_decode"] = "present"
+    status["data.gpu_decode_names"] = sorted(n for n in dir(module) if not n.startswith("_"))
+    from data.options import DECODERS
 
-    stream_path = "decode_device" in inspect.signature(build_loader).parameters
-    status["path"] = "build_loader(decode_device='cuda', num_workers=0): nvJPEG per image" if stream_path else None
+    if "gpu" in DECODERS and hasattr(module, "device_batch"):
+        status["path"] = "TrainLoader(decode='gpu'): loader workers batch bytes + crops; device_batch: batched nvJPEG"
     return status
 
 

@@ -218,19 +218,24 @@ def part_input(ctx: Context, deadline: float, decode: str, model: str, precision
         if status["path"] is None:
             raise SkipPart(f"no GPU decode path on this branch ({status})")
     shards = input_shards(ctx)
-    workers = ctx.settings["loader_workers"] if decode == "cpu" else 0
+    workers = ctx.settings["loader_workers"]  # decode="gpu": they read and batch bytes + crops, CUDA-free
     size = ctx.settings["image_size"]
-    kw = dict(batch=batch, image_size=size, workers=workers, decode=decode if decode == "cpu" else str(ctx.device))
+    kw = dict(batch=batch, image_size=size, workers=workers, decode=decode)
     half = time.monotonic() + 0.4 * (deadline - time.monotonic())
     t0 = time.perf_counter()
-    loader_only = _drain(ctx, iter(adapt.train_loader(shards["url"], **kw)), half, lambda b: None, workers)
-    loader_only["first_batch_s"] = loader_only.pop("first_s")
     cfg = adapt.make_config(model, precision, batch, size)
+
+    def decoded(b):  # decode="gpu": the loader's output is bytes; "loader alone" includes the decode on the device
+        if decode != "cpu":
+            adapt.to_device(b, ctx.device, cfg.model.channels_last, size)
+
+    loader_only = _drain(ctx, iter(adapt.train_loader(shards["url"], **kw)), half, decoded, workers)
+    loader_only["first_batch_s"] = loader_only.pop("first_s")
     strategy = adapt.build_strategy(cfg, adapt.build_model(cfg), ctx.device, steps_per_epoch=1000)
     strategy.train(True)
 
     def step(b):
-        adapt.train_step(cfg, strategy, *adapt.to_device(b, ctx.device, cfg.model.channels_last))
+        adapt.train_step(cfg, strategy, *adapt.to_device(b, ctx.device, cfg.model.channels_last, size))
 
     trained = _drain(ctx, iter(adapt.train_loader(shards["url"], **kw)), deadline, step, workers)
     out = {"decode": decode, "gpu_decode": status, "loader_workers": workers, "model": model,

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Wheels the device machine lacks (it has torch, torchvision, timm, PyYAML, fsspec, Pillow, numpy): DeepSpeed and
-# its requirements for the ZeRO parts, defusedxml for the sample data's annotations (data/layout.py). Saved into
-# .whl/ (git-ignored; about 5 MB) for `run`'s carry list. docs/gpu.md.
+# its requirements for the ZeRO parts, defusedxml for the sample data's annotations (data/layout.py), simplejpeg for
+# the crop-first CPU decode (data/decode.py). Saved into .whl/ (git-ignored; about 5 MB) for `run`'s carry list.
+# docs/gpu.md.
 #   benchmarks/gpu_wheels.sh [PYTHON]     # PYTHON: an interpreter with pip and torch (default .venv/bin/python)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -13,5 +14,5 @@ mkdir -p .whl
 "$PY" -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
   --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl \
   hjson==3.1.0 pydantic==2.14.4 pydantic_core==2.50.5 annotated-types==0.8.0 typing-inspection==0.4.5 \
-  typing_extensions==4.16.0 defusedxml==0.7.1
+  typing_extensions==4.16.0 defusedxml==0.7.1 simplejpeg==1.9.0
 ls -l .whl

@@ -11,18 +11,18 @@ transforms.
     storage.py     the retry policy and fs_and_root for every storage call of the package
     order.py       the training order: a pure function of (index, seed, epoch, G, shuffle budget); its fingerprint
     reader.py      ranged reads of sample runs, the sequential piece reader, iter_raw_samples, read-ahead
-    batch.py       raw samples -> uint8 batches: decode, seeded augmentation, corrupt-image accounting
+    batch.py       raw samples -> batches, crop first (decoded uint8, or bytes + crops for the device), corrupt counts
     options.py     StreamOptions: the loaders' settings in one frozen dataclass
     loader.py      TrainLoader (per rank, persistent loader workers) and eval_loader
     stream.py      ShardStream / build_loader: evaluation, and the previous per-rank training order
     decode.py      decode_reduced (DCT-scaled JPEG decode), decode_rgb (torchvision, PIL fallback), CorruptImageError
     transforms.py  presets on uint8 tensors; sample_crop / decode_crop (crop drawn from the size), normalize
-    gpu_decode.py  decode_batch: batched nvJPEG decode, crop, resize, flip, normalise on the device
+    gpu_decode.py  device_batch (any loader batch -> normalised on the device); decode_batch: batched nvJPEG there
 """
 from data.batch import CorruptDataError
 from data.decode import CorruptImageError, decode_pil, decode_reduced, decode_rgb
 from data.encode import StoreOptions
-from data.gpu_decode import decode_batch
+from data.gpu_decode import decode_batch, device_batch
 from data.index import (DatasetIndex, IndexChangedError, ShardIndexError, ShardInfo, SplitIndex, check_index_unchanged,
                         index_url, read_index, sidecar_url)
 from data.layout import Box, ImageNetLayout, LayoutError, Sample, parse_voc_xml
@@ -36,7 +36,7 @@ from data.shards import ShardFormatError, ShardIntegrityError, ShardWriter, veri
 from data.storage import StorageError, fs_and_root, retry
 from data.stream import ShardStream, build_loader
 from data.transforms import (IMAGENET_MEAN, IMAGENET_STD, Crop, build_transform, center_crop, decode_crop,
-                             eval_transform, normalize, sample_crop, train_transform)
+                             eval_transform, normalize, sample_crop, ten_crop_transform, train_transform)
 
 __all__ = [
     "Box", "CorruptDataError", "CorruptImageError", "Crop", "DatasetIndex", "IMAGENET_MEAN", "IMAGENET_STD",
@@ -44,9 +44,8 @@ __all__ = [
     "ShardIndexError", "ShardInfo", "ShardIntegrityError", "ShardReadError", "ShardStream", "ShardWriter",
     "SplitIndex", "StorageError", "StoreOptions", "StreamOptions", "TrainLoader", "TrainOrder", "build_loader",
     "build_transform", "center_crop", "check_index_unchanged", "check_same_order", "check_world", "decode_batch",
-    "decode_crop", "decode_pil", "decode_reduced", "decode_rgb", "eval_loader", "eval_transform", "fs_and_root",
-    "index_url", "iter_raw_samples", "make_sample", "normalize", "order_fingerprint", "parse_voc_xml",
-    "prepare_dataset", "read_index", "retry", "sample_crop", "sidecar_url", "train_fingerprint", "train_order",
-    "train_transform",
-    "verify_shards",
+    "decode_crop", "decode_pil", "decode_reduced", "decode_rgb", "device_batch", "eval_loader", "eval_transform",
+    "fs_and_root", "index_url", "iter_raw_samples", "make_sample", "normalize", "order_fingerprint", "parse_voc_xml",
+    "prepare_dataset", "read_index", "retry", "sample_crop", "sidecar_url", "ten_crop_transform", "train_fingerprint",
+    "train_order", "train_transform", "verify_shards",
 ]

@@ -1,8 +1,9 @@
 """Decode, crop, resize, flip and normalise a batch of JPEGs on the training device in one batched decode call.
 
-The loader workers only read and batch compressed bytes (cheap); the training process calls `decode_batch` with
-each sample's `Crop` (data.transforms.sample_crop / center_crop, drawn from the sample's size with the stream's
-generator, so the order and exact-resume guarantees are the CPU path's). The decoder is torchvision's batched nvJPEG
+With `data.decode: gpu` the loader workers only read and batch compressed bytes and each sample's `Crop`
+(data.batch.CropFirst: sample_crop / center_crop drawn from the sample's size with the generator seeded per sample,
+as the CPU path draws it, so the order, the crops and exact resume are the CPU path's); the training process calls
+`device_batch`, which hands them to `decode_batch`. The decoder is torchvision's batched nvJPEG
 (`torchvision.io.decode_jpeg(list, device="cuda")`), already a dependency and on the same CUDA stream as the model;
 NVIDIA DALI's mixed decoder (hardware JPEG decoder, ROI decoding) is the alternative to measure on a GPU node
 (docs/data_pipeline.md says why it is not the default). Samples nvJPEG cannot take (CMYK, PNG, arithmetic or
@@ -19,7 +20,7 @@ import torch.nn.functional as nnf
 from torchvision.io import ImageReadMode, decode_jpeg
 
 from data.decode import CorruptImageError, decode_rgb, jpeg_header
-from data.transforms import Crop, normalization_constants
+from data.transforms import Crop, normalization_constants, normalize
 
 Encoded = bytes | bytearray | memoryview | torch.Tensor
 
@@ -106,3 +107,39 @@ def decode_batch(data: Sequence[Encoded], crops: Sequence[Crop], size: int, devi
     if channels_last:
         images = images.contiguous(memory_format=torch.channels_last)
     return DecodedBatch(images, kept, corrupt)
+
+
+def encoded_images(batch: dict) -> list[torch.Tensor]:
+    """The compressed images of an encoded-mode batch (data/batch.py) as 1-D uint8 views of its "image" bytes."""
+    offsets = batch["image_offsets"].tolist()
+    return [batch["image"][start:stop] for start, stop in zip(offsets, offsets[1:])]
+
+
+def device_batch(batch: dict, device: torch.device | str, image_size: int, channels_last: bool = False) -> dict:
+    """A loader batch (TrainLoader or eval_loader, either decode mode) as the training step takes it: float32
+    normalised "image" [k, 3, S, S] and int64 "label" [k] on `device`; the loop calls this one function whatever
+    `data.decode` says.
+
+    CPU-decoded batches (uint8 images) are copied as uint8 and normalised on the device (`image_size` unused).
+    Encoded batches (`decode: gpu`) are decoded there with each sample's crop (`decode_batch`, image_size x
+    image_size). Samples no decoder reads are dropped with their labels, keys and positions, added to "corrupt",
+    and counted against max_corrupt_fraction through the batch's "corrupt_tally" (TrainLoader's batches carry one).
+    """
+    device = torch.device(device)
+    if "crop" not in batch:
+        return {**batch, "image": normalize(batch["image"], device, channels_last),
+                "label": batch["label"].to(device, non_blocking=True)}
+    keys = batch["key"]
+    crops = [Crop(top, left, height, width, bool(flip)) for top, left, height, width, flip in batch["crop"].tolist()]
+    out = decode_batch(encoded_images(batch), crops, image_size, device, keys, channels_last)
+    failed = [keys[i] for i, _ in out.corrupt]
+    tally = batch.get("corrupt_tally")
+    if tally is not None:
+        tally.add(0, len(failed), [f"{keys[i]} ({reason})" for i, reason in out.corrupt])
+    kept = torch.tensor(out.kept, dtype=torch.int64)
+    result = {k: v for k, v in batch.items() if k not in ("image_offsets", "crop", "corrupt_tally")}
+    result.update(image=out.images, label=batch["label"][kept].to(device, non_blocking=True),
+                  key=[keys[i] for i in out.kept], corrupt=batch["corrupt"] + failed)
+    if "position" in batch:
+        result["position"] = batch["position"][kept]
+    return result

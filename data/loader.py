@@ -13,26 +13,31 @@ TrainLoader, per rank:
 - Loader workers start once (`persistent_workers=True`) and learn the epoch and start step of each new pass from
   a small array in shared memory (as timm and webdataset share the epoch with theirs).
 - Augmentation randomness is seeded per sample by (seed, epoch, position): pixels do not depend on the shape.
+- Each sample is made crop first (`data.batch.CropFirst`): the crop is drawn from the image size, then
+  `decode="cpu"` decodes only what the crop needs at the scale it needs, while `decode="gpu"` leaves the bytes
+  compressed and batches them with the crops for `data.gpu_decode.device_batch` on the training device.
+- At every epoch start the index is read again (one small file): if `jobs.prepare` replaced it, the pass stops with
+  IndexChangedError rather than mix two datasets.
 """
 from __future__ import annotations
 
 import ctypes
 import multiprocessing
 import os
-from typing import Callable, Iterator
+from typing import Iterator
 
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from data.batch import BatchMaker
-from data.index import read_index
+from data.batch import BatchMaker, CorruptTally, CropFirst, DecodeThen, join_batches
+from data.index import DatasetIndex, check_index_unchanged, read_index
 from data.options import StreamOptions
-from data.order import TrainOrder, loader_worker_streams, order_fingerprint, rank_streams, seed_of
-from data.reader import RangeReader, ReadAhead, sample_bytes
-from data.stream import ShardStream
-from data.transforms import build_transform
+from data.order import TrainOrder, loader_worker_streams, order_fingerprint, pieces_of, rank_streams, seed_of
+from data.reader import RangeReader, ReadAhead, eval_range, sample_bytes
+from data.transforms import ten_crop_transform
 
 
+EVAL_READAHEAD_BYTES = 64 << 20  # raw sample bytes an evaluation loader worker's read-ahead thread may hold
 MMAP_THRESHOLD = 64 << 10  # bytes; glibc serves larger allocations with mmap in loader workers
 _M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number
 
@@ -51,9 +56,9 @@ def _loader_worker_init(loader_worker: int) -> None:
 class _RankParts(IterableDataset):
     """Iterated in a loader worker (or in-process): the parts of one rank's batches that its streams produce."""
 
-    def __init__(self, opts: StreamOptions, order: TrainOrder, streams: range, clock,
-                 transform: Callable[[torch.Tensor], torch.Tensor], rank: int) -> None:
-        self.opts, self.order, self.streams, self.clock, self.transform = opts, order, streams, clock, transform
+    def __init__(self, opts: StreamOptions, order: TrainOrder, streams: range, clock, rows: CropFirst,
+                 rank: int) -> None:
+        self.opts, self.order, self.streams, self.clock, self.rows = opts, order, streams, clock, rows
         self.rank = rank
         self.shard_samples = {s.name: s.samples for s in order.shards}
         self.mean_sample_bytes = sum(s.bytes for s in order.shards) / max(order.samples, 1)
@@ -73,7 +78,7 @@ class _RankParts(IterableDataset):
         ahead = ReadAhead(lambda: self._windows(reader, epoch, mine, order.window_of(start)),
                           max(1, int(len(mine) * order.window * self.mean_sample_bytes)), name="window-read-ahead")
         windows = iter(ahead)
-        maker = BatchMaker(self.transform, self.opts.image_size, self.opts.max_corrupt_fraction,
+        maker = BatchMaker(self.rows, self.opts.image_size, self.opts.max_corrupt_fraction,
                            f"{self.opts.url} (split 'train', rank {self.rank})")
         current: dict[int, tuple[list[int], list]] = {}
         try:
@@ -116,17 +121,10 @@ class _RankParts(IterableDataset):
                 yield item, sum(map(sample_bytes, samples))
 
 
-def join_parts(parts: list[dict]) -> dict:
-    """One rank's batch from its loader workers' parts of a step, in loader-worker (= stream) order."""
-    return {"image": torch.cat([p["image"] for p in parts]), "label": torch.cat([p["label"] for p in parts]),
-            "key": [k for p in parts for k in p["key"]], "corrupt": [k for p in parts for k in p["corrupt"]],
-            "position": torch.cat([p["position"] for p in parts]), "step": parts[0]["step"]}
-
-
-def train_order(opts: StreamOptions) -> TrainOrder:
+def train_order(opts: StreamOptions, index: DatasetIndex | None = None) -> TrainOrder:
     """The order `TrainLoader(opts, ...)` follows (steps_per_epoch, windows), from the index, without a loader."""
-    return TrainOrder.from_index(read_index(opts.url), opts.seed, opts.global_batch_size, opts.shuffle_buffer_mb,
-                                 opts.url)
+    return TrainOrder.from_index(index or read_index(opts.url), opts.seed, opts.global_batch_size,
+                                 opts.shuffle_buffer_mb, opts.url)
 
 
 def train_fingerprint(opts: StreamOptions) -> dict:
@@ -140,20 +138,23 @@ class TrainLoader:
     loader.epoch(epoch, start_step)` yields exactly `steps_per_epoch - start_step` batches of
     G / world samples (fewer when images are corrupt): {"image": uint8 [b, 3, H, W], "label": int64 [b],
     "key": list[str], "corrupt": list[str], "position": int64 [b] (places in the epoch's order), "step": int}.
+    With `opts.decode == "gpu"`, "image" holds the compressed images with "image_offsets" and "crop"
+    (data/batch.py), and "corrupt_tally", through which `data.gpu_decode.device_batch` counts images that fail on
+    the device against max_corrupt_fraction. Either way the training step takes `device_batch(batch, device, ...)`.
 
     The ranks' batches of a step, concatenated in rank order, are global batch `step` of the epoch for any world
     size that divides G and any loader-worker count (see data/order.py). Position in an epoch = step x G samples.
     `read_stats` sums what the loader workers asked of storage in the current pass.
     """
 
-    def __init__(self, opts: StreamOptions, rank: int, world: int,
-                 transform: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
+    def __init__(self, opts: StreamOptions, rank: int, world: int) -> None:
         self.opts, self.rank, self.world = opts, rank, world
-        self.order = train_order(opts)
+        self.index = read_index(opts.url)
+        self.order = train_order(opts, self.index)
         streams = rank_streams(opts.global_batch_size, rank, world)
         self._clock = multiprocessing.Array("q", 2)  # (epoch, start step) of the next pass, shared with loader workers
-        transform = transform or build_transform(True, opts.image_size, opts.auto_augment, opts.crop_scale)
-        self._parts = _RankParts(opts, self.order, streams, self._clock, transform, rank)
+        rows = CropFirst(opts.image_size, True, opts.crop_scale, opts.auto_augment, opts.decode)
+        self._parts = _RankParts(opts, self.order, streams, self._clock, rows, rank)
         workers = opts.loader_workers
         pin = torch.cuda.is_available() if opts.pin_memory is None else opts.pin_memory
         self._loader = DataLoader(self._parts, batch_size=None, num_workers=workers, persistent_workers=workers > 0,
@@ -173,15 +174,19 @@ class TrainLoader:
         return order_fingerprint(self.order, self.opts.shuffle_buffer_mb)
 
     def epoch(self, epoch: int, start_step: int = 0) -> Iterator[dict]:
+        """The batches of `epoch` from `start_step`; first checks that `_index.json` is still the one this loader
+        was built from (IndexChangedError otherwise)."""
         if epoch < 0 or not 0 <= start_step <= self.steps_per_epoch:
             raise ValueError(f"epoch={epoch}, start_step={start_step}: need epoch >= 0 and "
                              f"0 <= start_step <= steps_per_epoch={self.steps_per_epoch}")
+        check_index_unchanged(self.opts.url, self.index, "train")
         self._clock[0], self._clock[1] = epoch, start_step
         self.read_stats = {}
         self._passes += 1
         this_pass = self._passes
         parts = iter(self._loader)  # persistent loader workers begin the new pass here
         per_step = max(1, self.opts.loader_workers)
+        tally = CorruptTally(self.opts.max_corrupt_fraction, f"{self.opts.url} (split 'train', rank {self.rank})")
         for step in range(start_step, self.steps_per_epoch):
             if self._passes != this_pass:
                 raise RuntimeError("TrainLoader.epoch: a newer pass of this loader has started; this one is over")
@@ -189,7 +194,11 @@ class TrainLoader:
             for i, part in enumerate(group):
                 assert (part["step"], part["loader_worker"]) == (step, i), (part["step"], part["loader_worker"], step)
                 self.read_stats[i] = part["stats"]
-            yield join_parts(group)
+            batch = join_batches(group)
+            if self.opts.decode == "gpu":  # loader workers count what they could not size; the device adds its own
+                tally.add(len(batch["key"]) + len(batch["corrupt"]), len(batch["corrupt"]), batch["corrupt"])
+                batch["corrupt_tally"] = tally
+            yield batch
 
     def io_totals(self) -> dict:
         """Requests, bytes, samples read and offset scans of the current pass, summed over loader workers."""
@@ -204,12 +213,54 @@ class TrainLoader:
         self._loader._iterator = None
 
 
-def eval_loader(opts: StreamOptions, rank: int, world: int, split: str = "val") -> DataLoader:
-    """A split for evaluation: every sample exactly once over the ranks (rank ranges differ by at most one),
-    index order, a partial last batch, nothing shuffled; batches as TrainLoader's without "position"/"step"."""
-    stream = ShardStream(opts.url, split, batch_size=opts.eval_batch_size, rank=rank, world_size=world, train=False,
-                         transform=build_transform(False, opts.image_size), num_workers=opts.loader_workers,
-                         max_corrupt_fraction=opts.max_corrupt_fraction, image_size=opts.image_size)
+class _EvalBatches(IterableDataset):
+    """A rank's evaluation batches in index order (a partial last one): loader worker l of L makes batches l, l + L,
+    ... (each one or two ranged reads, read ahead on a thread), so the DataLoader's round robin yields them in order."""
+
+    def __init__(self, opts: StreamOptions, split: str, rank: int, world: int, rows) -> None:
+        self.opts, self.rows = opts, rows
+        info = read_index(opts.url).split(split, opts.url)
+        self.shards, self.where = info.shards, f"{opts.url} (split {split!r}, rank {rank})"
+        start, size = eval_range(info.samples, rank, world)
+        step = opts.eval_batch_size
+        self.batches = [(start + b, min(step, size - b)) for b in range(0, size, step)]
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __iter__(self) -> Iterator[dict]:
+        info = get_worker_info()
+        loader_worker, loader_workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        mine = self.batches[loader_worker::loader_workers]
+        reader = RangeReader(self.opts.url)
+        counts = {s.name: s.samples for s in self.shards}
+
+        def produce():
+            for start, count in mine:
+                raw = [s for p in pieces_of(self.shards, start, start + count) for s in reader.read(p, counts[p.name])]
+                yield raw, sum(map(sample_bytes, raw))
+
+        ahead = ReadAhead(produce, EVAL_READAHEAD_BYTES, name="eval-read-ahead")
+        maker = BatchMaker(self.rows, self.opts.image_size, self.opts.max_corrupt_fraction, self.where)
+        try:
+            for raw in ahead:
+                yield maker.make(raw)
+            maker.check_all_corrupt()
+        finally:
+            ahead.close()
+
+
+def eval_loader(opts: StreamOptions, rank: int, world: int, split: str = "val", ten_crop: bool = False) -> DataLoader:
+    """A split for evaluation: every sample exactly once over the ranks (rank ranges differ by at most one), index
+    order for any loader-worker count, a partial last batch, nothing shuffled; batches as TrainLoader's without
+    "position"/"step". The centre crop is drawn from the size and decoded crop first (`center_crop`, equal to the
+    resize + centre-crop preset up to rounding), on the CPU or, with `opts.decode == "gpu"`, by `device_batch`.
+    `ten_crop`: decoded on the CPU, the preset's resize, then TenCrop: "image" uint8 [b, 10, 3, S, S]."""
+    if ten_crop and opts.decode != "cpu":
+        raise ValueError(f"eval_loader(ten_crop=True) decodes on the CPU; got decode={opts.decode!r}")
+    rows = (DecodeThen(ten_crop_transform(opts.image_size)) if ten_crop
+            else CropFirst(opts.image_size, False, decode=opts.decode))
+    batches = _EvalBatches(opts, split, rank, world, rows)
     pin = torch.cuda.is_available() if opts.pin_memory is None else opts.pin_memory
-    return DataLoader(stream, batch_size=None, num_workers=opts.loader_workers, pin_memory=pin,
+    return DataLoader(batches, batch_size=None, num_workers=opts.loader_workers, pin_memory=pin,
                       prefetch_factor=opts.prefetch_factor if opts.loader_workers else None)

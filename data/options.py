@@ -6,7 +6,7 @@ from typing import Any
 
 from data.transforms import AUTO_AUGMENT
 
-DECODERS = ("cpu",)  # "gpu" (compressed bytes to the device, nvJPEG there) arrives with data/gpu_decode.py
+DECODERS = ("cpu", "gpu")  # gpu: loader workers batch compressed bytes + crops; data.gpu_decode decodes on the device
 
 
 @dataclass(frozen=True)
@@ -26,7 +26,7 @@ class StreamOptions:
     auto_augment: str | None = None
     crop_scale: tuple[float, float] = (0.08, 1.0)  # RandomResizedCrop's area range
     max_corrupt_fraction: float = 0.01
-    decode: str = "cpu"
+    decode: str = "cpu"  # where images are decoded: DECODERS; the order and the crops are the same in both
     prefetch_factor: int = 2  # parts (a loader worker's share of one step) each loader worker keeps ready
     pin_memory: bool | None = None  # None: when CUDA is available
 
@@ -49,6 +49,9 @@ class StreamOptions:
                              f"{', '.join(map(repr, AUTO_AUGMENT))}")
         if self.decode not in DECODERS:
             raise ValueError(f"StreamOptions.decode={self.decode!r}; valid: {', '.join(map(repr, DECODERS))}")
+        if self.decode == "gpu" and self.auto_augment is not None:
+            raise ValueError(f"StreamOptions.auto_augment={self.auto_augment!r} needs decode='cpu': it runs on decoded "
+                             "images in the loader workers, which decode='gpu' leaves compressed")
 
     @classmethod
     def from_config(cls, data: Any, seed: int, **overrides: Any) -> "StreamOptions":

@@ -151,11 +151,11 @@ class TrainOrder:
         return cls(tuple(split.shards), seed, global_batch,
                    window_samples(shuffle_buffer_mb, global_batch, mean, steps))
 
-    @property
+    @cached_property
     def samples(self) -> int:
         return sum(s.samples for s in self.shards)
 
-    @property
+    @cached_property
     def steps_per_epoch(self) -> int:
         return self.samples // self.global_batch
 

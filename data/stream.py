@@ -37,7 +37,7 @@ from typing import Callable, Iterator
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from data.batch import BatchMaker, CorruptDataError
+from data.batch import BatchMaker, CorruptDataError, DecodeThen
 from data.decode import decode_rgb, decode_rgb_cuda
 from data.index import ShardInfo, read_index
 from data.order import Piece, pieces_of, seed_of
@@ -183,8 +183,8 @@ class ShardStream(IterableDataset):
             items = shuffle_buffer(items, self.shuffle_buffer,
                                    random.Random(f"{self.seed}/{self.epoch}/{self.rank}/{loader_worker}"))
         skip = len(range(loader_worker, self.start_batch, self.loader_workers))
-        maker = BatchMaker(self.transform, self.image_size, self.max_corrupt_fraction,
-                           f"{self.url} (split {self.split!r}, rank {self.rank})", self._decode)
+        maker = BatchMaker(DecodeThen(self.transform, self._decode), self.image_size, self.max_corrupt_fraction,
+                           f"{self.url} (split {self.split!r}, rank {self.rank})")
         try:
             for j, size in enumerate(mine):
                 raw = [item for _, item in zip(range(size), items)]

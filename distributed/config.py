@@ -14,6 +14,8 @@ from typing import Any
 
 import yaml
 
+from data.options import DECODERS
+
 
 class ConfigError(ValueError):
     """A config file or override is invalid; the message names the key and what would be valid."""
@@ -58,6 +60,10 @@ class DataConfig:
     auto_augment: str | None = None
     # Above this fraction of undecodable images the run stops with the offending keys.
     max_corrupt_fraction: float = 0.01
+    # Where training images are decoded (data.TrainLoader): "cpu" = loader workers decode only what the crop needs;
+    # "gpu" = loader workers batch compressed bytes + crops, the training process decodes them (batched nvJPEG,
+    # data.device_batch): for GPU nodes with few CPU cores per GPU (docs/data_pipeline.md). Same order and crops.
+    decode: str = "cpu"
 
 
 def validate_data(data: DataConfig) -> None:
@@ -74,6 +80,11 @@ def validate_data(data: DataConfig) -> None:
     if (len(scale) != 2 or not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in scale)
             or not 0 < scale[0] <= scale[1] <= 1):
         raise ConfigError(f"config key 'data.crop_scale' must be [low, high] with 0 < low <= high <= 1, got {scale}")
+    if data.decode not in DECODERS:
+        raise ConfigError(f"config key 'data.decode' is {data.decode!r}; valid: {', '.join(map(repr, DECODERS))}")
+    if data.decode == "gpu" and data.auto_augment is not None:
+        raise ConfigError(f"config key 'data.auto_augment' ({data.auto_augment!r}) needs data.decode 'cpu': it runs "
+                          "on decoded images in the loader workers; set data.auto_augment to null for data.decode 'gpu'")
 
 
 @dataclass(frozen=True)

@@ -1,18 +1,14 @@
 """Classification accuracy of a checkpoint, torchvision's reference protocol: resize the shorter side to
-image_size / 0.875 and one centre crop; optionally the ten crops of `TenCrop` (four corners and centre, and the
-same mirrored) with their softmax averaged (Krizhevsky et al. 2012, sec. 4.1). The centre crop is the fifth of the
-ten, so one pass gives both. Counts are exact: a confusion matrix, top-5 hits and the summed loss per protocol."""
+image_size / 0.875 and one centre crop (data.eval_loader decodes that region crop first: equal to the preset up to
+rounding); optionally the ten crops of `TenCrop` (four corners and centre, and the same mirrored) of the resized
+image with their softmax averaged (Krizhevsky et al. 2012, sec. 4.1). The centre crop is the fifth of the ten, so
+one pass gives both. Counts are exact: a confusion matrix, top-5 hits and the summed loss per protocol."""
 from __future__ import annotations
-
-import functools
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
-from torchvision.transforms import v2
 
-from data import ShardStream, build_loader, normalize, read_index
-from data.transforms import EVAL_CROP_RATIO
+from data import StreamOptions, eval_loader, normalize, read_index
 from evaluation.checkpoints import CheckpointWeights, build_inference_model, default_device
 from evaluation.localize import TOP_K
 from evaluation.report import EVALUATE_KIND, published_rows
@@ -21,24 +17,10 @@ from models import split_outputs
 CENTRE_OF_TEN = 4  # TenCrop order: top-left, top-right, bottom-left, bottom-right, centre, then mirrored
 
 
-def _ten_crop(resize, crop, image: torch.Tensor) -> torch.Tensor:
-    return torch.stack(crop(resize(image)))
-
-
-def ten_crop_transform(image_size: int):
-    """The eval preset's resize, then TenCrop: uint8 [3, H, W] -> [10, 3, S, S]; crop 4 equals the eval preset."""
-    resize = v2.Resize(int(image_size / EVAL_CROP_RATIO), antialias=True)
-    return functools.partial(_ten_crop, resize, v2.TenCrop(image_size))
-
-
-def eval_loader(url: str, split: str, *, image_size: int, batch_size: int, num_workers: int, ten_crop: bool):
-    """One process's loader over a whole split; 10-crop batches are uint8 [b, 10, 3, S, S]."""
-    if not ten_crop:
-        return build_loader(url, split, batch_size=batch_size, rank=0, world_size=1, train=False,
-                            image_size=image_size, num_workers=num_workers, seed=0, epoch=0)
-    stream = ShardStream(url, split, batch_size=batch_size, train=False, transform=ten_crop_transform(image_size),
-                         image_size=image_size, num_workers=num_workers)
-    return DataLoader(stream, batch_size=None, num_workers=num_workers)
+def split_loader(url: str, split: str, *, image_size: int, batch_size: int, num_workers: int, ten_crop: bool):
+    """One process's loader over a whole split (data.eval_loader); 10-crop batches are uint8 [b, 10, 3, S, S]."""
+    opts = StreamOptions(url, image_size=image_size, eval_batch_size=batch_size, loader_workers=num_workers)
+    return eval_loader(opts, 0, 1, split, ten_crop=ten_crop)
 
 
 @torch.no_grad()
@@ -120,8 +102,8 @@ def evaluate_checkpoint(ck: CheckpointWeights, data_url: str, split: str = "val"
     """The results document of jobs.evaluate: both protocols' figures, per class, confused pairs, provenance."""
     index = read_index(data_url)
     model = build_inference_model(ck.cfg, ck.weights, index.num_classes).to(device or default_device())
-    loader = eval_loader(data_url, split, image_size=image_size, batch_size=batch_size, num_workers=num_workers,
-                         ten_crop=ten_crop)
+    loader = split_loader(data_url, split, image_size=image_size, batch_size=batch_size, num_workers=num_workers,
+                          ten_crop=ten_crop)
     out = evaluate_model(model, loader, index.num_classes)
     seen, expected = int(out["centre"].confusion.sum()) + len(out["corrupt"]), index.split(split, data_url).samples
     if seen != expected:  # never report a figure over a silently different set of images

@@ -16,8 +16,14 @@ def jpeg(i: int) -> bytes:
     return buf.getvalue()
 
 
+def image(i: int, corrupt: set[int], truncated: set[int]) -> bytes:
+    if i in corrupt:
+        return b"\xff\xd8 broken"  # no frame header: its size cannot be read
+    return jpeg(i)[:-20] if i in truncated else jpeg(i)  # truncated: the header reads, the decode fails
+
+
 def build(url: str, sizes: list[int], split: str = "train", corrupt: set[int] = frozenset(),
-          labels: bool = True, sidecars: bool = False) -> list[str]:
+          labels: bool = True, sidecars: bool = False, truncated: set[int] = frozenset()) -> list[str]:
     """Write shards of the given sizes and an index; returns every key in index order. Keys are s0000, s0001,
     ... in index order, labels key number % 5. With `sidecars`, each shard gets its offsets sidecar."""
     fs, root = fsspec.core.url_to_fs(url)
@@ -29,7 +35,7 @@ def build(url: str, sizes: list[int], split: str = "train", corrupt: set[int] = 
         w = ShardWriter(buf)
         for _ in range(size):
             key = f"s{i:04d}"
-            members = {"jpg": b"\xff\xd8 broken" if i in corrupt else jpeg(i)}
+            members = {"jpg": image(i, corrupt, truncated)}
             if labels:
                 members["cls"] = str(i % 5).encode()
             members["json"] = json.dumps({"key": key}).encode()

@@ -2,23 +2,27 @@
 count, resume at another shape with every sample of the epoch exactly once, bit-identical to an uninterrupted
 run, resume cost of about one window per stream, persistent loader workers, corrupt and flaky input, S3."""
 import collections
+import io
 import json
 from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 
 import data.reader as reader_module
 import data.storage as storage
 from data.batch import CorruptDataError
-from data.index import ShardIndexError, read_index, read_shard_offsets, sidecar_url
+from data.decode import decode_rgb
+from data.index import IndexChangedError, ShardIndexError, read_index, read_shard_offsets, sidecar_url
 from data.loader import TrainLoader, eval_loader, train_fingerprint
 from data.options import StreamOptions
-from data.order import OrderChangedError, TrainOrder, check_same_order
+from data.order import OrderChangedError, TrainOrder, check_same_order, seed_of
 from data.reader import iter_raw_samples
 from data.shards import ShardIntegrityError, scan_offsets
 from data.storage import fs_and_root
-from tests.shard_data import build
+from data.transforms import center_crop, decode_crop, sample_crop, ten_crop_transform
+from tests.shard_data import build, jpeg
 
 SIZES = [17, 3, 25, 0, 11, 30, 14]  # 100 samples: G=6 gives S=16 steps, 96 samples an epoch, 4 dropped
 G, WINDOW = 6, 4  # windows of 1, 2, 4, 4, 4, 1 steps
@@ -229,9 +233,50 @@ def test_eval_loader_and_raw_samples_cover_the_split_once(tmp_path):
     url = str(tmp_path)
     keys = build(url, [5, 9, 2, 11], split="val")
     opts = StreamOptions(url, image_size=8, eval_batch_size=4, loader_workers=2)
-    seen = [k for r in range(3) for b in eval_loader(opts, r, 3) for k in b["key"]]
-    assert sorted(seen) == keys
+    assert [k for r in range(3) for b in eval_loader(opts, r, 3) for k in b["key"]] == keys  # index order
     assert [k for r in range(2) for k, _ in iter_raw_samples(url, "val", r, 2)] == keys
+
+
+def test_eval_loader_decodes_the_centre_crop_first_and_ten_crops(tmp_path):
+    url = str(tmp_path)
+    keys = build(url, [6, 5], split="val", sidecars=True)
+    opts = StreamOptions(url, image_size=8, eval_batch_size=4, loader_workers=0)
+    batches = list(eval_loader(opts, 0, 1))
+    images = torch.cat([b["image"] for b in batches])
+    expected = [decode_crop(jpeg(i), center_crop(*Image.open(io.BytesIO(jpeg(i))).size, 8), 8) for i in range(11)]
+    assert [k for b in batches for k in b["key"]] == keys and torch.equal(images, torch.stack(expected))
+    ten = list(eval_loader(opts, 0, 1, ten_crop=True))
+    assert [b["image"].shape for b in ten] == [(4, 10, 3, 8, 8)] * 2 + [(3, 10, 3, 8, 8)]
+    assert torch.equal(ten[0]["image"][1], ten_crop_transform(8)(decode_rgb(jpeg(1))))
+
+
+def test_each_sample_gets_the_crop_its_position_seeds(dataset, reference):
+    """The CPU path: the crop drawn from the image's size with the generator seeded by (seed, epoch, position),
+    then decode_crop; so the same sample at the same place gets the same pixels on any shape."""
+    batch = next(TrainLoader(options(dataset), 0, 1).epoch(1, 3))
+    for key, position, image in zip(batch["key"], batch["position"].tolist(), batch["image"]):
+        data = jpeg(int(key[1:]))
+        generator = torch.Generator().manual_seed(seed_of("augment", 3, 1, position))
+        crop = sample_crop(*Image.open(io.BytesIO(data)).size, generator=generator)
+        assert torch.equal(image, decode_crop(data, crop, 8))
+    assert same([{k: batch[k] for k in ("key", "image", "label")}], reference[3:4])
+
+
+def test_auto_augment_applies_after_the_crop_and_keeps_shape_independence(dataset, reference):
+    plain = run(dataset, 1, 0, epoch=1, stop=3)
+    augmented = run(dataset, 1, 0, epoch=1, stop=3, auto_augment="trivialaugment")
+    assert same(plain, reference[:3]) and not same(augmented, plain)
+    assert same(run(dataset, 2, 1, epoch=1, stop=3, auto_augment="trivialaugment"), augmented)
+
+
+def test_a_changed_index_stops_the_loader_at_the_next_epoch(tmp_path):
+    url = str(tmp_path)
+    build(url, [20, 20], sidecars=True)
+    loader = TrainLoader(options(url), 0, 1)
+    assert len(list(loader.epoch(0))) == 6
+    build(url, [20, 21], sidecars=True)  # jobs.prepare re-run into the folder with other sources
+    with pytest.raises(IndexChangedError, match=r"_index.json: split 'train' changed under a running job"):
+        next(loader.epoch(1))
 
 
 def test_resume_from_s3_at_another_shape(s3_bucket, reference):

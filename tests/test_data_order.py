@@ -107,8 +107,8 @@ def test_stream_options_check_their_values_and_come_from_the_config():
         StreamOptions("x", global_batch_size=0)
     with pytest.raises(ValueError, match="crop_scale"):
         StreamOptions("x", crop_scale=(0.5, 0.2))
-    with pytest.raises(ValueError, match="decode='gpu'; valid: 'cpu'"):
-        StreamOptions("x", decode="gpu")
+    with pytest.raises(ValueError, match="decode='dali'; valid: 'cpu', 'gpu'"):
+        StreamOptions("x", decode="dali")
     cfg = load_config("configs/demo.yaml", ["data.global_batch_size=32", "data.shuffle_buffer_mb=8"])
     opts = StreamOptions.from_config(cfg.data, seed=cfg.run.seed)
     assert (opts.url, opts.global_batch_size, opts.shuffle_buffer_mb, opts.crop_scale) == \
@@ -121,6 +121,7 @@ def test_stream_options_check_their_values_and_come_from_the_config():
     ("data.loader_workers=-1", "'data.loader_workers' must be >= 0"),
     ("data.crop_scale=[0.5]", "'data.crop_scale' must be [low, high]"),
     ("data.max_corrupt_fraction=2", "'data.max_corrupt_fraction' must lie in [0, 1]"),
+    ("data.decode=dali", "'data.decode' is 'dali'; valid: 'cpu', 'gpu'"),
 ])
 def test_data_config_values_name_the_key(override, fragment):
     with pytest.raises(ConfigError) as e:
