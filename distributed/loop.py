@@ -1,8 +1,9 @@
-"""The per-worker training function that Ray Train runs on every rank, and its phases.
+"""The phases of the training loop: one epoch of training steps, and an evaluation.
 
 Shape follows torchvision's references/classification/train.py: `train_one_epoch` and `evaluate` are small
-functions; `train_loop_per_worker` only wires them together with restore and report. The phases take their
-seams (`Phases.report`, `Phases.preemption`) as arguments, so they run without Ray too (tests/test_loop.py).
+functions; `distributed.worker.train_loop_per_worker` wires them together with restore and report. The phases
+take their seams (`Phases.report`, `Phases.preemption`) as arguments, so they run without Ray too
+(tests/test_loop.py).
 Every rank reports at the same steps (`ray.train.report` is a barrier): every `run.checkpoint_every_steps` (a
 recovery checkpoint), each epoch end (an evaluated one), on SIGTERM and on a node drain (distributed/preemption.py).
 """
@@ -18,6 +19,7 @@ import torch.distributed as dist
 
 from data import ShardFormatError, build_loader, normalize
 from distributed.accuracy import AccuracyTally
+from distributed.comm import rank_and_world
 from distributed.config import Config
 from distributed.loss import compute_loss
 from distributed.monitor import Progress, StepStats, check_divergence
@@ -150,8 +152,8 @@ def after_step(ph: Phases, state: TrainState) -> bool:
     if synced.drain:
         ph.preemption.drained()
         periodic = periodic or not end
-        if dist.is_available() and (not dist.is_initialized() or dist.get_rank() == 0):
-            print(f"Ray is draining a node of this run; checkpoint at step {state.step}", flush=True)
+        if rank_and_world()[0] == 0:
+            print(f"rank 0: Ray is draining a node of this run; checkpoint at step {state.step}", flush=True)
     if stopping or periodic:
         ph.report("recovery", {"corrupt_train": ph.corrupt})
     return not stopping

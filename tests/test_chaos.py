@@ -24,7 +24,8 @@ import pytest
 import s3fs
 
 from distributed import checkpoint as ckpt
-from distributed.resume import NAME, checkpoint_step
+from distributed.checkpoint import NAME, checkpoint_step
+from distributed.metrics import read_metrics
 from distributed.run_folder import RunFolder
 from distributed.trainer import fit
 from tests.conftest import _time_limit, tiny_overrides
@@ -184,9 +185,9 @@ def outage_run(ray_local, s3_server, shards, tiny_config):
 
     def outage():
         deadline = time.monotonic() + 150
-        # Rank 0 rewrites metrics.jsonl right before it saves and uploads each checkpoint.
+        # Rank 0 queues the metrics since the last checkpoint for upload right before it saves each checkpoint.
         while time.monotonic() < deadline:
-            if any(r["kind"] == "train" and r["step"] >= 2 for r in run.read_jsonl("metrics.jsonl")):
+            if any(r["kind"] == "train" and r["step"] >= 2 for r in read_metrics(run)):
                 break
             time.sleep(0.02)
         else:
@@ -225,7 +226,7 @@ def test_storage_outage_during_checkpoint_upload_is_ridden_out(outage_run, tmp_p
     # No partial checkpoint anywhere: every directory Ray reported verifies, sizes and sha256.
     assert all(verifies(fs, f"{bucket}/runs/outage/{n}", tmp_path) for n in names)
     run = outage_run["run"]
-    assert [r["step"] for r in run.read_jsonl("metrics.jsonl") if r["kind"] == "eval"] == [4, 8]
+    assert [r["step"] for r in read_metrics(run) if r["kind"] == "eval"] == [4, 8]
 
 
 def test_corrupt_newest_checkpoint_falls_back_to_the_previous_one(outage_run, capfd, tmp_path, time_limit):
