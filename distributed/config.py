@@ -266,6 +266,12 @@ def validate(cfg: Config) -> None:
         raise ConfigError("config key 'run.checkpoint_score' = 'ema' needs optim.ema_decay (EMA weights to score)")
     if cfg.optim.ema_steps <= 0:
         raise ConfigError(f"config key 'optim.ema_steps' must be > 0, got {cfg.optim.ema_steps}")
+    if cfg.strategy.name == "deepspeed" and cfg.strategy.precision == "fp16" and cfg.strategy.zero_stage > 0:
+        # DeepSpeed 0.19.8, ZeRO 1-3 under torch_autocast: the optimizer finds the overflow in its gradient norm and
+        # returns before its GradScaler steps, so the loss scale never backs off and every later step is skipped.
+        raise ConfigError(f"strategy.precision=fp16 with strategy.name=deepspeed needs strategy.zero_stage=0 (got "
+                          f"{cfg.strategy.zero_stage}): DeepSpeed's ZeRO 1-3 never lowers the fp16 loss scale under "
+                          "torch autocast; use strategy.precision=bf16, zero_stage=0, or strategy.name=ddp")
     validate_deepspeed_section(cfg)
     if not cfg.run.name or "/" in cfg.run.name:
         raise ConfigError(f"config key 'run.name' must be a non-empty name without '/', got {cfg.run.name!r}")

@@ -159,7 +159,10 @@ class DeepSpeedStrategy:
 
         self.cfg, self.device = cfg, device
         self.memory_format = torch.channels_last if cfg.model.channels_last else torch.contiguous_format
-        model = model.to(device, memory_format=self.memory_format)  # fp32: autocast casts per operation
+        # fp32 (autocast casts per operation). Parameters keep the contiguous layout even with channels_last:
+        # DeepSpeed's initial broadcast views each one as bytes (`p.data.view(torch.uint8)`), which raises on
+        # channels_last strides; the inputs are still channels_last.
+        model = model.to(device)
         self.client_optimizer = build_optimizer(cfg, model, device)
         try:
             self.engine, self.optimizer, _, _ = deepspeed.initialize(
@@ -169,7 +172,7 @@ class DeepSpeedStrategy:
         self.module = self.engine.module
         self.checkpoint_writers = _world()
         self.ema = None
-        self._applied = torch.ones((), device=device)
+        self._applied, self._skipped = torch.ones((), device=device), torch.zeros((), device=device)
 
     def forward(self, images: torch.Tensor):
         return self.engine(images.contiguous(memory_format=self.memory_format))
@@ -194,8 +197,11 @@ class DeepSpeedStrategy:
         if scaler is not None:
             scale = scaler._scale
             before = scale.clone() if scale is not None else torch.tensor(scaler.get_scale(), device=self.device)
+        skipped = self.engine.skipped_steps
         self.engine.backward(loss)
         self.engine.step()
+        if self.engine.skipped_steps != skipped:  # ZeRO found non-finite gradients (DeepSpeed read that itself)
+            return self._skipped
         if scaler is None:
             return self._applied
         return (scaler._scale >= before).to(self._applied.dtype)  # an overflow halves the scale (backoff)

@@ -242,3 +242,36 @@ def test_bn_statistics_are_averaged_before_a_checkpoint(tmp_path):
     assert saved["step"] == 3 and ckpt.read_meta(str(directory)) == {
         "format_version": 1, "role": "recovery", "step": 3, "epoch": 0, "batch": 3, "score": None,
         "metric": "val_top1"}
+
+
+DEEPSPEED_FP16 = """
+import os, sys, torch
+import torch.distributed as dist
+dist.init_process_group("gloo", init_method="tcp://127.0.0.1:{port}", rank=0, world_size=1)
+from distributed.config import load_config
+from distributed.strategies import DeepSpeedStrategy
+from tests.test_loop import TinyNet
+cfg = load_config("configs/demo.yaml", ["strategy.name=deepspeed", "strategy.precision=fp16", "run.num_workers=1",
+                                        "data.batch_size=4", "optim.grad_clip_norm=1.0"])
+torch.manual_seed(0)
+strategy = DeepSpeedStrategy(cfg, TinyNet(), torch.device("cpu"), steps_per_epoch=4)
+x, y = torch.randn(4, 3, 16, 16), torch.tensor([0, 1, 2, 0])
+for factor in (1.0, 1e30, 1.0):  # the middle step overflows the fp16 gradients
+    loss = torch.nn.functional.cross_entropy(strategy.forward(x).float(), y) * factor
+    print("applied", float(strategy.step(loss)), "scale", strategy._scaler().get_scale(), flush=True)
+print("dtypes", sorted({{str(t.dtype) for t in strategy.module.state_dict().values()}}))
+"""
+
+
+@pytest.mark.slow  # DeepSpeed's import takes 10-60 s
+def test_deepspeed_stage0_fp16_skips_an_overflow_on_the_device_and_keeps_fp32_weights():
+    import subprocess
+    import sys
+
+    env = {**os.environ, "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-c", DEEPSPEED_FP16.format(port=_free_port())], env=env, timeout=300,
+                          capture_output=True, text=True, cwd=os.path.dirname(os.path.dirname(__file__)))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = [line for line in proc.stdout.splitlines() if line.startswith(("applied", "dtypes"))]
+    assert lines == ["applied 1.0 scale 65536.0", "applied 0.0 scale 32768.0", "applied 1.0 scale 32768.0",
+                     "dtypes ['torch.float32', 'torch.int64']"]
