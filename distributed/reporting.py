@@ -5,9 +5,9 @@ model), the per-rank RNG states are gathered to rank 0, every rank saves its par
 (rank 0 adds `meta.json`; each writer its manifest, last) and calls `ray.train.report` (a barrier) with
 `checkpoint_upload_mode=ASYNC`: Ray uploads in the background and deletes the local directory afterwards, while
 the step loop goes on. A preemption checkpoint is uploaded before the call returns (`wait=True`), since the
-process is about to end. Roles (timm's split): "recovery" checkpoints are reported with the score -inf, so Ray's
-retention (`run.num_to_keep` by score, plus always the latest) never drops a scored checkpoint for one;
-"evaluated" ones carry the epoch's val top-1 of the scored weights (`run.checkpoint_score`).
+process is about to end. Roles (timm's split): "recovery" checkpoints are reported with the score -1, below any
+accuracy, so Ray's retention (`run.num_to_keep` by score, plus always the latest) never drops a scored checkpoint
+for one; "evaluated" ones carry the epoch's val top-1 of the scored weights (`run.checkpoint_score`).
 """
 from __future__ import annotations
 
@@ -24,6 +24,9 @@ from distributed.comm import gather_rng_states, rank_and_world, reduce_bn
 from distributed.config import Config
 
 SCORE = "score"  # the metric Ray's CheckpointConfig ranks checkpoints by
+# Below every accuracy. Not -inf, which Ray ranks lower still: its checkpoint_manager_snapshot.json (pydantic)
+# writes -inf as null, and the checkpoint manager of the next launch fails comparing None with a number.
+RECOVERY_SCORE = -1.0
 
 
 def score_metric(cfg: Config) -> str:
@@ -80,7 +83,7 @@ class Reporter:
             self.metrics.flush()
         name = self.checkpoint_name(state.step)
         self.send({"epoch": state.epoch, "step": state.step, "role": role,
-                   SCORE: score if score is not None else float("-inf"), **values},
+                   SCORE: score if score is not None else RECOVERY_SCORE, **values},
                   directory if writes else None, name, wait)
         if self.metrics is not None:
             self.metrics.log({"kind": "checkpoint", "epoch": state.epoch, "step": state.step, "role": role,

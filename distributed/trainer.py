@@ -36,7 +36,7 @@ def build_trainer(cfg: Config, run_uri: str, launch_id: str):
             name=cfg.run.name,
             storage_path=storage_path,
             storage_filesystem=filesystem,
-            # Keep the num_to_keep best evaluated checkpoints by score; recovery checkpoints score -inf, and Ray
+            # Keep the num_to_keep best evaluated checkpoints by score; recovery checkpoints score -1, and Ray
             # always keeps the latest too, so resume never goes back (distributed/reporting.py).
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.run.num_to_keep,
                                                checkpoint_score_attribute=SCORE,

@@ -223,3 +223,18 @@ def test_a_pickle_payload_in_a_deepspeed_shard_is_refused_before_deepspeed_reads
                                                    r"with weights_only=True.*could run code"):
         strategy.load(tmp_path)
     assert Engine.calls == 0 and not marker.exists()
+
+
+def test_the_recovery_score_survives_rays_snapshot():
+    """Ray's checkpoint_manager_snapshot.json (pydantic) keeps -1 but turns -inf into null, on which the next
+    launch's checkpoint manager fails (seen in a resumed run); so recovery checkpoints score -1."""
+    from ray.train.v2._internal.execution.checkpoint.checkpoint_manager import _TrainingResultState
+
+    from distributed.reporting import RECOVERY_SCORE
+
+    def round_trip(score):
+        state = _TrainingResultState(checkpoint_dir_name="checkpoint_0000000002", metrics={"score": score})
+        return _TrainingResultState.parse_raw(state.json()).metrics["score"]
+
+    assert round_trip(RECOVERY_SCORE) == RECOVERY_SCORE < 0.0
+    assert round_trip(float("-inf")) is None
