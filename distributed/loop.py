@@ -81,6 +81,13 @@ def val_loader(cfg: Config, rank: int, world: int):
                         seed=cfg.run.seed, epoch=0, max_corrupt_fraction=cfg.data.max_corrupt_fraction)
 
 
+def iterate(loader):
+    """The loader's iterator, made without a draw from the training RNG: a DataLoader draws its workers' base seed
+    from the global generator, which would shift a resumed run's dropout masks against the uninterrupted run's."""
+    with torch.random.fork_rng(devices=[]):
+        return iter(loader)
+
+
 def steps_per_epoch(train_samples: int, cfg: Config, world: int) -> int:
     return train_samples // world // cfg.data.batch_size
 
@@ -105,7 +112,7 @@ def train_one_epoch(ph: Phases, state: TrainState, loader) -> bool:
     cfg, strategy = ph.cfg, ph.strategy
     strategy.train(True)
     t_wait = time.perf_counter()
-    for batch in loader:
+    for batch in iterate(loader):
         wait = time.perf_counter() - t_wait
         check_labels(batch, ph.num_classes, cfg.data.url)
         images = normalize(batch["image"], device=ph.device, channels_last=cfg.model.channels_last)
@@ -168,7 +175,7 @@ def evaluate(ph: Phases, loader, module=None, lockstep: bool = False) -> dict:
     cfg, strategy = ph.cfg, ph.strategy
     strategy.train(False)
     tally = AccuracyTally(ph.num_classes, ph.device)
-    batches = iter(loader)
+    batches = iterate(loader)
     n_batches = len(loader)
     if lockstep:  # ZeRO-3 gathers weights collectively: every rank must run as many forwards
         most = torch.tensor([n_batches], device=ph.device)
