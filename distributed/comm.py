@@ -28,7 +28,7 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
 def reduce_bn(*modules: nn.Module | None) -> None:
     """Average every BatchNorm running mean/var across ranks (timm utils.distribute_bn, reduce=True), so every
     rank evaluates and saves the same model. DDP trains on rank-local batch statistics and never syncs buffers
-    after start-up (we build it with broadcast_buffers=False); ZeRO replicates buffers without syncing them."""
+    after start-up (we build it with forward_sync_buffers=False); ZeRO replicates buffers without syncing them."""
     _, world = rank_and_world()
     if world == 1:
         return

@@ -66,16 +66,24 @@ class Phases:
     corrupt: int = 0  # corrupt training images of this epoch, all ranks (as of the last synchronisation)
 
 
-def train_loader(cfg: Config, rank: int, world: int, epoch: int, start_batch: int):
-    """The loop's one use of the training loader: this rank's batches of `epoch` from `start_batch` on."""
+def train_loader(cfg: Config, rank: int, world: int):
+    """The loop's one use of the training loader API: built once per worker (the data index is read once);
+    `epoch_batches` positions it at an epoch and batch."""
     return build_loader(
         cfg.data.url, "train", batch_size=cfg.data.batch_size, rank=rank, world_size=world, train=True,
-        image_size=cfg.data.image_size, num_workers=cfg.data.loader_workers, seed=cfg.run.seed, epoch=epoch,
-        start_batch=start_batch, shuffle_buffer=cfg.data.shuffle_buffer, auto_augment=cfg.data.auto_augment,
+        image_size=cfg.data.image_size, num_workers=cfg.data.loader_workers, seed=cfg.run.seed, epoch=0,
+        start_batch=0, shuffle_buffer=cfg.data.shuffle_buffer, auto_augment=cfg.data.auto_augment,
         crop_scale=tuple(cfg.data.crop_scale), max_corrupt_fraction=cfg.data.max_corrupt_fraction)
 
 
+def epoch_batches(loader, epoch: int, start_batch: int):
+    """This rank's batches of `epoch` from `start_batch` on."""
+    loader.dataset.set_epoch(epoch, start_batch)
+    return loader
+
+
 def val_loader(cfg: Config, rank: int, world: int):
+    """This rank's share of the val split, built once per worker and iterated at every evaluation."""
     return build_loader(cfg.data.url, "val", batch_size=cfg.data.eval_batch_size, rank=rank, world_size=world,
                         train=False, image_size=cfg.data.image_size, num_workers=cfg.data.loader_workers,
                         seed=cfg.run.seed, epoch=0, max_corrupt_fraction=cfg.data.max_corrupt_fraction)

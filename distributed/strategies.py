@@ -45,7 +45,7 @@ class DDPStrategy:
             ids = [device.index] if device.type == "cuda" else None
             # No buffer broadcast before every forward (a collective per step): BN statistics are averaged across
             # ranks before each evaluation and checkpoint instead (comm.reduce_bn, timm's --dist-bn reduce).
-            wrapped = nn.parallel.DistributedDataParallel(self.module, device_ids=ids, broadcast_buffers=False)
+            wrapped = nn.parallel.DistributedDataParallel(self.module, device_ids=ids, forward_sync_buffers=False)
         self.wrapped = torch.compile(wrapped, backend=cfg.model.compile_backend) if cfg.model.compile else wrapped
         self._applied = torch.ones((), device=device)
 

@@ -12,7 +12,8 @@ import torch
 from data import read_index
 from distributed.comm import rank_and_world, restore_rng, seed_rank
 from distributed.config import Config, ConfigError, config_from_dict
-from distributed.loop import Phases, TrainState, evaluate, steps_per_epoch, train_loader, train_one_epoch, val_loader
+from distributed.loop import (Phases, TrainState, epoch_batches, evaluate, steps_per_epoch, train_loader,
+                              train_one_epoch, val_loader)
 from distributed.metrics import MetricsLog
 from distributed.model import build_model
 from distributed.monitor import Progress, StepStats
@@ -56,13 +57,13 @@ def restore(cfg: Config, strategy, state: TrainState, run_uri: str, device: torc
     return resume, restore_rng(saved.get("rng"), cfg.run.seed, state.step, device)
 
 
-def end_of_epoch(ph: Phases, state: TrainState, reporter: Reporter, metrics, lockstep: bool) -> None:
-    """Evaluate the raw weights (and the EMA's), log, and report the evaluated checkpoint."""
-    cfg, rank_world = ph.cfg, rank_and_world()
+def end_of_epoch(ph: Phases, state: TrainState, reporter: Reporter, metrics, val, lockstep: bool) -> None:
+    """Evaluate the raw weights (and the EMA's) on the `val` loader, log, and report the evaluated checkpoint."""
+    cfg = ph.cfg
     reporter.sync_bn()
-    result = evaluate(ph, val_loader(cfg, *rank_world), lockstep=lockstep)
+    result = evaluate(ph, val, lockstep=lockstep)
     if ph.strategy.ema is not None:
-        ema = evaluate(ph, val_loader(cfg, *rank_world), module=ph.strategy.ema.module)
+        ema = evaluate(ph, val, module=ph.strategy.ema.module)
         result.update({f"val_ema_{k}": ema[f"val_{k}"] for k in ("top1", "top5", "loss")})
     score = result[score_metric(cfg)]
     state.last_top1 = result["val_top1"]
@@ -121,9 +122,10 @@ def train_loop_per_worker(config: dict) -> None:
     ph = Phases(cfg, strategy, device, spe, len(index.classes), reporter, Preemption(),
                 Progress(cfg, world, cfg.schedule.epochs * spe, metrics), StepStats(device, state.step))
     lockstep = cfg.strategy.name == "deepspeed" and cfg.strategy.zero_stage == 3
+    train, val = train_loader(cfg, rank, world), val_loader(cfg, rank, world)
     while state.epoch < cfg.schedule.epochs:
-        if not train_one_epoch(ph, state, train_loader(cfg, rank, world, state.epoch, state.batch)):
+        if not train_one_epoch(ph, state, epoch_batches(train, state.epoch, state.batch)):
             break
-        end_of_epoch(ph, state, reporter, metrics, lockstep)
+        end_of_epoch(ph, state, reporter, metrics, val, lockstep)
     if metrics is not None:
         metrics.close()

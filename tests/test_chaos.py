@@ -240,7 +240,7 @@ def test_corrupt_newest_checkpoint_falls_back_to_the_previous_one(outage_run, ca
     with time_limit(150, "the resumed run"):
         summary = fit(cfg)
     out = capfd.readouterr().out
-    assert f"skipping checkpoint {folder}/{newest}" in out and "manifest says" in out  # names dir and size
+    assert f"skipping checkpoint s3://{folder}/{newest}" in out and "manifest says" in out  # names URL and size
     assert summary["started_from"] == f"run:{previous}"
     assert summary["steps"] == 8 and summary["epochs"] == 2
     attempts = outage_run["run"].read_jsonl("attempts.jsonl")
@@ -303,8 +303,9 @@ def test_sigterm_to_a_worker_saves_a_checkpoint_and_the_run_resumes_from_it(ray_
     thread = threading.Thread(target=preempt, daemon=True)
     thread.start()
     # Checkpoints only at epoch ends (steps 4, 8, 12), so a mid-epoch one can only come from the SIGTERM.
+    # num_to_keep=10: Ray would retire the SIGTERM (recovery) checkpoint once it is no longer the latest.
     cfg = tiny_config(shards, storage, "preempted", "schedule.epochs=3", "run.checkpoint_every_steps=100",
-                      "run.log_every_steps=1", "run.max_failures=1")
+                      "run.log_every_steps=1", "run.max_failures=1", "run.num_to_keep=10")
     with time_limit(200, "the preempted run"):
         summary = fit(cfg)
     thread.join(timeout=5)
