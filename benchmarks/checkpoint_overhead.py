@@ -107,7 +107,6 @@ def run(shards: str, storage: str, name: str, every: int, fake_step_s: float | N
                                f"run.checkpoint_every_steps={every}", "run.num_to_keep=100", "run.max_failures=0"])
     real = trainer.train_loop_per_worker
     if fake_step_s is not None:
-        os.environ[FAKE_STEP_S_ENV] = str(fake_step_s)  # workers of the local Ray inherit the driver's environment
         trainer.train_loop_per_worker = fake_gpu_worker
     try:
         trainer.fit(cfg)
@@ -145,6 +144,7 @@ def main(argv=None) -> dict:
     with tempfile.TemporaryDirectory(prefix="ckpt-overhead-") as tmp:
         make_sample(f"{tmp}/raw", classes=5, per_class=args.per_class, val_per_class=8, test=0, seed=0)
         prepare_dataset(f"{tmp}/raw", f"{tmp}/shards", shard_size=200, splits=["train", "val"], log=lambda s: None)
+        os.environ[FAKE_STEP_S_ENV] = str(args.fake_step_s)  # before Ray starts: its workers inherit it
         init_ray(None)
         results = {"demo": scenario(f"{tmp}/shards", f"{tmp}/runs", "demo", args.every, None),
                    "fake_gpu": scenario(f"{tmp}/shards", f"{tmp}/runs", "fake", args.every, args.fake_step_s)}
