@@ -6,7 +6,7 @@ checkpoint save time as a fraction of a training step.
 configs/demo.yaml (2 Ray workers on a local Ray on 127.0.0.1, its model, image size and batch) for one epoch of
 a small generated sample (5 classes x `--per-class` train images), a checkpoint every `--kill-after` steps and a
 metrics record per step. Once the checkpoint of step `--kill-after` is on storage, one RayTrainWorker process
-gets SIGKILL; Ray Train restarts the workers, they restore that checkpoint and go on. From metrics.jsonl
+gets SIGKILL; Ray Train restarts the workers, they restore that checkpoint and go on. From the metrics
 (wall-clock "time" per step, "checkpoint" records with save_s) and attempts.jsonl:
 
 - recovery_s: kill -> end of the first training step after the resume (one step_s of it is that step);
@@ -65,10 +65,11 @@ def kill_a_worker_after(checkpoint_dir: str, killed: dict, timeout: float = 600)
 
 
 def measure(run_dir: str, killed: dict, every: int) -> dict:
+    from distributed.metrics import read_metrics
     from distributed.run_folder import RunFolder
 
     run = RunFolder(run_dir)
-    records = run.read_jsonl("metrics.jsonl")
+    records = read_metrics(run)
     attempts = run.read_jsonl("attempts.jsonl")
     trains = sorted((r for r in records if r["kind"] == "train"), key=lambda r: r["step"])
     saves = [r["save_s"] for r in records if r["kind"] == "checkpoint"]

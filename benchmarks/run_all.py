@@ -9,7 +9,7 @@ import os
 import subprocess
 import sys
 
-BENCHMARKS = ["data_pipeline", "loader_memory", "train_throughput", "recovery"]
+BENCHMARKS = ["data_pipeline", "loader_memory", "train_throughput", "recovery", "checkpoint_overhead"]
 
 
 def main() -> int:

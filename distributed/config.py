@@ -30,8 +30,10 @@ class ModelConfig:
     aux_weight: float = 0.3
     # NHWC helps convolutions on tensor-core GPUs (PyTorch memory-format tutorial); neutral on CPU.
     channels_last: bool = False
-    # torch.compile the model (GPU runs; compile time dominates short CPU runs).
+    # torch.compile the model (GPU runs; compile time dominates short CPU runs). DDP only.
     compile: bool = False
+    # torch.compile's backend: "inductor" (generated kernels), or e.g. "aot_eager" (graph capture only).
+    compile_backend: str = "inductor"
 
 
 @dataclass(frozen=True)
@@ -101,8 +103,14 @@ class OptimConfig:
     # Szegedy et al. 2016 (Inception-v3) label smoothing; torchvision's recipes use 0.1.
     label_smoothing: float = 0.1
     grad_clip_norm: float | None = None
-    # EMA of weights (torchvision references --model-ema); None disables.
+    # EMA of weights, torchvision references' --model-ema-decay (0.99998 there; None disables): the decay per
+    # update is adjusted to the global batch, ema_steps and epochs (distributed/optim.py WeightEma).
     ema_decay: float | None = None
+    # Update the EMA every this many optimizer steps (torchvision --model-ema-steps).
+    ema_steps: int = 32
+    # torch optimizer kernels: "auto" (fused on GPU and with fp16's GradScaler, else torch's default), "fused",
+    # "foreach" or "for_loop". See docs/training.md, "GPU checklist".
+    implementation: str = "auto"
 
 
 @dataclass(frozen=True)
@@ -126,6 +134,8 @@ class StrategyConfig:
     deepspeed: dict = field(default_factory=dict)
     # fp16: consecutive overflow-skipped steps tolerated before the run stops as diverged.
     max_skipped_steps: int = 25
+    # TF32 for fp32 matmuls and convolutions on Ampere and newer GPUs (10-bit mantissa, 8x the fp32 rate).
+    tf32: bool = True
 
 
 @dataclass(frozen=True)
@@ -137,7 +147,10 @@ class RunConfig:
     use_gpu: bool = False
     cpus_per_worker: int = 1
     checkpoint_every_steps: int = 500
+    # Evaluated checkpoints kept (the best by score); Ray keeps the latest checkpoint too.
     num_to_keep: int = 3
+    # Which weights' val top-1 scores a checkpoint: "raw" or "ema" (needs optim.ema_decay).
+    checkpoint_score: str = "raw"
     max_failures: int = 3
     log_every_steps: int = 50
     seed: int = 0
@@ -271,7 +284,13 @@ _CHOICES = {
     "strategy.zero_stage": (0, 1, 2, 3),
     "data.auto_augment": (None, "randaugment", "trivialaugment"),
     "tracking.backend": ("none", "mlflow"),
+    "optim.implementation": ("auto", "fused", "foreach", "for_loop"),
+    "run.checkpoint_score": ("raw", "ema"),
 }
+# DeepSpeed keys the generated config owns: precision is strategy.precision (torch autocast, fp32 master weights),
+# the lr schedule is ours (distributed/optim.py), the optimizer is optim.*.
+_DEEPSPEED_OWNED = {"bf16": "strategy.precision", "fp16": "strategy.precision", "scheduler": "schedule.*",
+                    "optimizer": "optim.*", "amp": "strategy.precision"}
 
 
 def validate(cfg: Config) -> None:
@@ -290,10 +309,41 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"config key '{dotted}' must be > 0, got {tree[section][key]}")
     if cfg.strategy.name == "ddp" and cfg.strategy.zero_stage:
         raise ConfigError("config key 'strategy.zero_stage' needs strategy.name=deepspeed")
-    if cfg.strategy.name == "deepspeed" and cfg.optim.ema_decay is not None:
-        raise ConfigError("config key 'optim.ema_decay' is supported with strategy.name=ddp only")
+    for dotted, value in (("optim.ema_decay", cfg.optim.ema_decay), ("model.compile", cfg.model.compile or None)):
+        if cfg.strategy.name == "deepspeed" and value is not None:
+            raise ConfigError(f"config key '{dotted}' is supported with strategy.name=ddp only")
+    if cfg.run.checkpoint_score == "ema" and cfg.optim.ema_decay is None:
+        raise ConfigError("config key 'run.checkpoint_score' = 'ema' needs optim.ema_decay (EMA weights to score)")
+    if cfg.optim.ema_steps <= 0:
+        raise ConfigError(f"config key 'optim.ema_steps' must be > 0, got {cfg.optim.ema_steps}")
+    if cfg.strategy.name == "deepspeed" and cfg.strategy.precision == "fp16" and cfg.strategy.zero_stage > 0:
+        # DeepSpeed 0.19.8, ZeRO 1-3 under torch_autocast: the optimizer finds the overflow in its gradient norm and
+        # returns before its GradScaler steps, so the loss scale never backs off and every later step is skipped.
+        raise ConfigError(f"strategy.precision=fp16 with strategy.name=deepspeed needs strategy.zero_stage=0 (got "
+                          f"{cfg.strategy.zero_stage}): DeepSpeed's ZeRO 1-3 never lowers the fp16 loss scale under "
+                          "torch autocast; use strategy.precision=bf16, zero_stage=0, or strategy.name=ddp")
+    validate_deepspeed_section(cfg)
     if not cfg.run.name or "/" in cfg.run.name:
         raise ConfigError(f"config key 'run.name' must be a non-empty name without '/', got {cfg.run.name!r}")
+
+
+def validate_deepspeed_section(cfg: Config) -> None:
+    """Gradient accumulation is refused (the loop steps the optimizer every batch and scales the lr by the
+    global batch of one step), and so are the sections the generated config owns."""
+    ds = cfg.strategy.deepspeed
+    for key, owner in _DEEPSPEED_OWNED.items():
+        if key in ds:
+            raise ConfigError(f"config key 'strategy.deepspeed.{key}' is not accepted: set {owner} instead")
+    steps = ds.get("gradient_accumulation_steps", 1)
+    if steps != 1:
+        raise ConfigError(f"config key 'strategy.deepspeed.gradient_accumulation_steps' = {steps!r}: gradient "
+                          "accumulation is not supported (the loop steps every batch and its lr and schedule "
+                          "assume it); raise data.batch_size or run.num_workers instead")
+    global_batch = cfg.data.batch_size * cfg.run.num_workers
+    if "train_batch_size" in ds and ds["train_batch_size"] != global_batch:
+        raise ConfigError(f"config key 'strategy.deepspeed.train_batch_size' = {ds['train_batch_size']!r} must equal "
+                          f"data.batch_size x run.num_workers = {global_batch} (no gradient accumulation); "
+                          "leave it out")
 
 
 def dump_yaml(cfg: Config) -> str:

@@ -1,39 +1,24 @@
-"""The training objective (main + 0.3 x auxiliary heads) and the divergence check."""
+"""The training objective from the config: models' `loss_with_aux` (main + aux_weight x auxiliary heads) with
+label-smoothed cross-entropy computed in fp32, and the error raised when the loss diverges."""
 from __future__ import annotations
 
-import math
+import functools
 
 import torch
 import torch.nn.functional as F
 
 from distributed.config import Config
-from models import split_outputs
+from models import loss_with_aux
 
 
 class NonFiniteLossError(RuntimeError):
     """The loss became NaN/inf (outside fp16's ordinary overflow skips): the run diverged."""
 
 
+def _cross_entropy(logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float) -> torch.Tensor:
+    return F.cross_entropy(logits.float(), labels, label_smoothing=label_smoothing)  # fp32 under autocast too
+
+
 def compute_loss(cfg: Config, outputs, labels: torch.Tensor) -> torch.Tensor:
-    logits, aux = split_outputs(outputs)
-    smoothing = cfg.optim.label_smoothing
-    loss = F.cross_entropy(logits.float(), labels, label_smoothing=smoothing)
-    for a in aux:
-        loss = loss + cfg.model.aux_weight * F.cross_entropy(a.float(), labels, label_smoothing=smoothing)
-    return loss
-
-
-def check_loss(cfg: Config, loss: torch.Tensor, applied: bool, state) -> float:
-    """Stop, naming step and loss, when the loss turns non-finite beyond fp16's ordinary overflow skips."""
-    value = loss.item()
-    fp16 = cfg.strategy.precision == "fp16"
-    state.skipped_steps = 0 if applied else state.skipped_steps + 1
-    if not math.isfinite(value) and not fp16:
-        raise NonFiniteLossError(
-            f"loss is {value} at step {state.step} (epoch {state.epoch}, batch {state.batch}): training diverged. "
-            "Lower optim.base_lr, raise schedule.warmup_epochs or set optim.grad_clip_norm.")
-    if state.skipped_steps > cfg.strategy.max_skipped_steps:
-        raise NonFiniteLossError(
-            f"{state.skipped_steps} fp16 steps in a row overflowed up to step {state.step} (last loss {value}): "
-            "training diverged beyond what loss scaling absorbs.")
-    return value
+    criterion = functools.partial(_cross_entropy, label_smoothing=cfg.optim.label_smoothing)
+    return loss_with_aux(outputs, labels, criterion=criterion, aux_weight=cfg.model.aux_weight)

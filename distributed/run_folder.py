@@ -1,10 +1,10 @@
-"""The run folder `{storage_path}/{name}/` beside Ray's checkpoints: config, metrics.jsonl, TensorBoard, summary.
+"""The run folder `{storage_path}/{name}/` beside Ray's checkpoints: config, attempts, metrics, TensorBoard, summary.
 
-Written through fsspec, so it works on a local path, s3:// or gs://. Object stores cannot append, so each
-file is rewritten whole under a temporary name and then moved over the final one. On object stores every
-operation is retried with exponential backoff (1, 2, 4, 8, 8 s) on top of the client's own retries, so a
-storage outage of tens of seconds delays the run instead of failing it; a missing file or a refused
-permission is an answer, not an outage, and is not retried.
+Written through fsspec, so it works on a local path, s3:// or gs://. Each file is written whole under a
+temporary name and then moved over the final one (distributed/metrics.py appends by writing new parts). On
+object stores every operation is retried with exponential backoff (1, 2, 4, 8, 8 s) on top of the client's own
+retries, so a storage outage of tens of seconds delays the run instead of failing it; a missing file or a
+refused permission is an answer, not an outage, and is not retried.
 
 `storage_filesystem` gives Ray Train's checkpoint uploads the same patience (pyarrow's S3 client).
 """
@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import tempfile
 import time
 import uuid
@@ -99,8 +98,25 @@ class RunFolder:
         self._local = isinstance(self.fs, LocalFileSystem)
         self.attempts = 1 if self._local else attempts
 
+    @property
+    def is_local(self) -> bool:
+        return self._local
+
     def _retry(self, fn, what: str):
         return retry(fn, f"{what} {self.uri}", self.attempts)
+
+    def list(self, name: str = "") -> list[str]:
+        """Names of the entries in the folder `name` ([] when it does not exist)."""
+        path = join(self.path, name) if name else self.path
+
+        def ls():
+            self.fs.invalidate_cache(path)
+            try:
+                return sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in self.fs.ls(path, detail=False))
+            except FileNotFoundError:
+                return []
+
+        return self._retry(ls, f"listing {name or '.'} in")
 
     def url(self, name: str) -> str:
         return join(self.uri, name)
@@ -108,10 +124,15 @@ class RunFolder:
     def exists(self, name: str) -> bool:
         return self._retry(lambda: self.fs.exists(join(self.path, name)), f"checking {name} in")
 
+    def _tmp_for(self, name: str) -> str:
+        """A temporary name beside `name` (which may hold a sub-folder), its folder made."""
+        folder, _, base = join(self.path, name).rpartition("/")
+        self.fs.makedirs(folder, exist_ok=True)
+        return f"{folder}/.{base}.{uuid.uuid4().hex[:8]}.tmp"
+
     def write_text(self, name: str, text: str) -> None:
         def write():
-            tmp = join(self.path, f".{name}.{uuid.uuid4().hex[:8]}.tmp")
-            self.fs.makedirs(self.path, exist_ok=True)
+            tmp = self._tmp_for(name)
             with self.fs.open(tmp, "w") as f:
                 f.write(text)
             self.fs.mv(tmp, join(self.path, name))
@@ -137,58 +158,16 @@ class RunFolder:
 
     def put_file(self, local_path: str, name: str) -> None:
         def put():
-            self.fs.makedirs(self.path, exist_ok=True)
-            tmp = join(self.path, f".{name}.{uuid.uuid4().hex[:8]}.tmp")
+            tmp = self._tmp_for(name)
             self.fs.put_file(local_path, tmp)
             self.fs.mv(tmp, join(self.path, name))
 
         self._retry(put, f"uploading {name} to")
 
     def local_dir(self, name: str) -> str:
-        """A local directory for `name`: the run folder itself when local, else a temp dir to `sync_dir` later."""
+        """A local directory for `name`: the run folder itself when local, else a temp dir to upload from."""
         if self._local:
             path = join(self.path, name)
             os.makedirs(path, exist_ok=True)
             return path
         return tempfile.mkdtemp(prefix=f"{name}-")
-
-    def sync_dir(self, local: str, name: str) -> None:
-        """Upload a local directory's files into `name/` (no-op when the run folder is local)."""
-        if self._local:
-            return
-        for root, _, files in os.walk(local):
-            for f in files:
-                rel = os.path.relpath(os.path.join(root, f), local)
-                src, dst = os.path.join(root, f), join(self.path, name, rel)
-                self._retry(lambda: self.fs.put_file(src, dst), f"uploading {name}/{rel} to")  # noqa: B023
-
-
-class MetricsLog:
-    """metrics.jsonl plus TensorBoard scalars, kept by rank 0; flushed to the run folder at each report."""
-
-    def __init__(self, run: RunFolder, resume_step: int):
-        # Records after the restored step were lost with the failed attempt: drop them so the log stays true.
-        self.run = run
-        self.records = [r for r in run.read_jsonl("metrics.jsonl") if r.get("step", 0) <= resume_step]
-        from torch.utils.tensorboard import SummaryWriter
-
-        self.tb_local = run.local_dir("tensorboard")
-        self.tb = SummaryWriter(self.tb_local)
-
-    def log(self, record: dict) -> None:
-        self.records.append(record)
-        kind, step = record["kind"], record["step"]
-        for key, value in record.items():
-            if isinstance(value, (int, float)) and key not in ("step", "epoch", "time"):
-                self.tb.add_scalar(f"{kind}/{key}", value, step)
-
-    def flush(self) -> None:
-        self.run.write_jsonl("metrics.jsonl", self.records)
-        self.tb.flush()
-        self.run.sync_dir(self.tb_local, "tensorboard")
-
-    def close(self) -> None:
-        self.flush()
-        self.tb.close()
-        if not self.run._local:
-            shutil.rmtree(self.tb_local, ignore_errors=True)

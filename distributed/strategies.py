@@ -1,11 +1,14 @@
-"""Two ways to run the same loop: `ddp` (DistributedDataParallel + AMP) and `deepspeed` (ZeRO 0-3, fp16/bf16).
+"""Two ways to run the same loop: `ddp` (DistributedDataParallel) and `deepspeed` (ZeRO 0-3), under one precision
+policy (docs/precision.md): fp32 master weights and BatchNorm, gradients all-reduced and accumulated in fp32,
+torch autocast to bf16 or fp16 for compute (DeepSpeed's `torch_autocast` section), fp16 with a dynamic loss scale.
 
-The loop calls `forward`, `step(loss)`, `save(dir, extra)` and `load(dir)`; it never asks which one it has.
+The loop calls `set_lr(lr)`, `forward`, `step(loss)`, `eval_forward`, `save(dir, extra, rank)` and `load(dir)`;
+it never asks which one it has. `step` returns a 0-dim device tensor, 1 when the optimizer step was applied and
+0 when the loss scaler skipped it, so the loop can count skips without a host synchronisation.
 """
 from __future__ import annotations
 
 import contextlib
-import math
 from pathlib import Path
 
 import torch
@@ -14,81 +17,37 @@ from torch import nn
 
 from distributed import checkpoint as ckpt
 from distributed.config import Config, ConfigError
+from distributed.optim import WeightEma, build_optimizer, set_lr
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def param_groups(model: nn.Module, weight_decay: float, decay_norm_and_bias: bool) -> list[dict]:
-    """Norm and bias parameters (ndim <= 1) get no weight decay unless asked (Goyal et al. 2017)."""
-    decay, no_decay = [], []
-    for p in model.parameters():
-        if p.requires_grad:
-            (no_decay if p.ndim <= 1 and not decay_norm_and_bias else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
-def peak_lr(cfg: Config) -> float:
-    """Linear scaling rule: base_lr is per 256 images of global batch (Goyal et al. 2017)."""
-    return cfg.optim.base_lr * cfg.data.batch_size * cfg.run.num_workers / 256
-
-
-def build_optimizer(cfg: Config, model: nn.Module) -> torch.optim.Optimizer:
-    groups = param_groups(model, cfg.optim.weight_decay, cfg.optim.decay_norm_and_bias)
-    lr = peak_lr(cfg)
-    if cfg.optim.name == "sgd":
-        return torch.optim.SGD(groups, lr=lr, momentum=cfg.optim.momentum, nesterov=cfg.optim.nesterov)
-    return torch.optim.AdamW(groups, lr=lr, betas=tuple(cfg.optim.betas))
-
-
-def lr_factor(step: int, cfg: Config, steps_per_epoch: int) -> float:
-    """Multiplier of the peak lr at `step`: linear warm-up, then cosine or step decay."""
-    warmup = int(cfg.schedule.warmup_epochs * steps_per_epoch)
-    total = cfg.schedule.epochs * steps_per_epoch
-    if step < warmup:
-        return (step + 1) / warmup
-    if cfg.schedule.decay == "step":
-        epoch = step / steps_per_epoch
-        return cfg.schedule.step_gamma ** sum(epoch >= e for e in cfg.schedule.step_epochs)
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    floor = cfg.schedule.min_lr_ratio
-    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
-
-
-def build_scheduler(cfg: Config, optimizer: torch.optim.Optimizer, steps_per_epoch: int):
-    # A plain function: LambdaLR then keeps only plain numbers in its state_dict (loadable with weights_only).
-    def factor(step: int) -> float:
-        return lr_factor(step, cfg, steps_per_epoch)
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+def _world() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
 class DDPStrategy:
-    """DistributedDataParallel; AMP fp16 with GradScaler or bf16 autocast on GPU, fp32/bf16 on CPU (gloo)."""
+    """DistributedDataParallel with torch autocast (bf16, or fp16 with a GradScaler) on GPU or CPU (gloo)."""
 
     name = "ddp"
     checkpoint_writers = 1  # rank 0 writes the whole state
 
     def __init__(self, cfg: Config, model: nn.Module, device: torch.device, steps_per_epoch: int):
-        precision = cfg.strategy.precision
-        if precision == "fp16" and device.type != "cuda":
-            raise ConfigError("strategy.precision=fp16 needs a GPU; use bf16 or fp32 on CPU")
         self.cfg, self.device = cfg, device
+        self.dtype = _DTYPES[cfg.strategy.precision]
         self.memory_format = torch.channels_last if cfg.model.channels_last else torch.contiguous_format
         self.module = model.to(device, memory_format=self.memory_format)
-        self.optimizer = build_optimizer(cfg, self.module)
-        self.scheduler = build_scheduler(cfg, self.optimizer, steps_per_epoch)
-        self.dtype = _DTYPES[precision]
-        self.scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
-        self.ema = None
-        if cfg.optim.ema_decay is not None:
-            from timm.utils import ModelEmaV3
-
-            self.ema = ModelEmaV3(self.module, decay=cfg.optim.ema_decay)
+        self.scaler = torch.amp.GradScaler(device.type) if cfg.strategy.precision == "fp16" else None
+        self.optimizer = build_optimizer(cfg, self.module, device, scaler=self.scaler is not None)
+        self.ema = WeightEma(cfg, self.module, steps_per_epoch) if cfg.optim.ema_decay is not None else None
         wrapped = self.module
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        if _world() > 1:
             ids = [device.index] if device.type == "cuda" else None
-            wrapped = nn.parallel.DistributedDataParallel(self.module, device_ids=ids)
-        self.wrapped = torch.compile(wrapped) if cfg.model.compile else wrapped
+            # No buffer broadcast before every forward (a collective per step): BN statistics are averaged across
+            # ranks before each evaluation and checkpoint instead (comm.reduce_bn, timm's --dist-bn reduce).
+            wrapped = nn.parallel.DistributedDataParallel(self.module, device_ids=ids, forward_sync_buffers=False)
+        self.wrapped = torch.compile(wrapped, backend=cfg.model.compile_backend) if cfg.model.compile else wrapped
+        self._applied = torch.ones((), device=device)
 
     def autocast(self):
         if self.dtype == torch.float32:
@@ -99,12 +58,18 @@ class DDPStrategy:
         with self.autocast():
             return self.wrapped(images.contiguous(memory_format=self.memory_format))
 
-    def eval_forward(self, images: torch.Tensor) -> torch.Tensor:
+    def eval_forward(self, images: torch.Tensor, module: nn.Module | None = None) -> torch.Tensor:
         with self.autocast():
-            return self.module(images.contiguous(memory_format=self.memory_format))
+            return (module or self.module)(images.contiguous(memory_format=self.memory_format))
 
-    def step(self, loss: torch.Tensor) -> bool:
-        """Backward and optimizer step; False when the fp16 scaler skipped the step (overflow)."""
+    def set_lr(self, lr: float) -> None:
+        set_lr(self.optimizer, lr)
+
+    def lr(self) -> float:
+        return self.optimizer.param_groups[0]["lr"]
+
+    def step(self, loss: torch.Tensor) -> torch.Tensor:
+        """Backward and optimizer step; returns 1 (applied) or 0 (the fp16 scaler found inf/NaN gradients)."""
         self.optimizer.zero_grad(set_to_none=True)
         clip = self.cfg.optim.grad_clip_norm
         if self.scaler is None:
@@ -112,23 +77,20 @@ class DDPStrategy:
             if clip:
                 nn.utils.clip_grad_norm_(self.module.parameters(), clip)
             self.optimizer.step()
-            applied = True
-        else:
-            scale = self.scaler.get_scale()
-            self.scaler.scale(loss).backward()
-            if clip:
-                self.scaler.unscale_(self.optimizer)
-                nn.utils.clip_grad_norm_(self.module.parameters(), clip)
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-            applied = self.scaler.get_scale() >= scale
-        self.scheduler.step()
-        if applied and self.ema is not None:
-            self.ema.update(self.module)
-        return applied
+            return self._applied
+        self.scaler.scale(loss).backward()
+        if clip:
+            self.scaler.unscale_(self.optimizer)
+            nn.utils.clip_grad_norm_(self.module.parameters(), clip)
+        self.scaler.step(self.optimizer)  # fused optimizers skip on the device; see optim.implementation_kwargs
+        # GradScaler's own found-inf flags, on the device; update() forgets them.
+        found = sum(self.scaler._found_inf_per_device(self.optimizer).values())
+        self.scaler.update()
+        return (found == 0).to(self._applied.dtype)
 
-    def lr(self) -> float:
-        return self.optimizer.param_groups[0]["lr"]
+    def after_step(self, step: int) -> None:
+        if self.ema is not None:
+            self.ema.after_step(self.module, step)
 
     def train(self, mode: bool = True) -> None:
         self.module.train(mode)
@@ -139,25 +101,29 @@ class DDPStrategy:
         state = dict(extra)
         state["model"] = self.module.state_dict()
         state["optimizer"] = self.optimizer.state_dict()
-        state["scheduler"] = self.scheduler.state_dict()
         state["scaler"] = self.scaler.state_dict() if self.scaler else None
-        state["ema"] = self.ema.module.state_dict() if self.ema else None
+        state["ema"] = self.ema.state_dict() if self.ema else None
         ckpt.save_state(directory, state)
 
     def load(self, directory: Path) -> dict:
         state = ckpt.load_state(directory, verify=False)
         self.module.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
         if self.scaler is not None and state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
         if self.ema is not None and state.get("ema"):
-            self.ema.module.load_state_dict(state["ema"])
+            self.ema.load_state_dict(state["ema"])
         return state
 
 
 def deepspeed_config(cfg: Config) -> dict:
-    """DeepSpeed JSON config from the run config; `strategy.deepspeed` entries override (deepspeed.ai/docs/config-json)."""
+    """DeepSpeed JSON config from the run config; `strategy.deepspeed` entries override (deepspeed.ai/docs/config-json).
+
+    No `bf16`/`fp16` section (they cast the module, BatchNorm buffers included, to half precision): parameters stay
+    fp32 and `torch_autocast` runs the compute in bf16/fp16. `lower_precision_safe_modules: []` keeps the gradient
+    all-reduce in fp32 (DeepSpeed's default list would reduce Linear/Conv gradients in the autocast dtype); set
+    strategy.deepspeed.torch_autocast.lower_precision_safe_modules to choose bf16 communication explicitly.
+    """
     ds = {
         "train_micro_batch_size_per_gpu": cfg.data.batch_size,
         "gradient_accumulation_steps": 1,
@@ -166,13 +132,12 @@ def deepspeed_config(cfg: Config) -> dict:
         "zero_allow_untested_optimizer": True,
         "gradient_clipping": cfg.optim.grad_clip_norm or 0.0,
         "steps_per_print": 10**9,
+        "communication_data_type": "fp32",
+        "data_types": {"grad_accum_dtype": "fp32"},
     }
-    if cfg.strategy.precision == "bf16":
-        ds["bf16"] = {"enabled": True}
-    elif cfg.strategy.precision == "fp16":
-        # Dynamic loss scaling (loss_scale 0), DeepSpeed's defaults otherwise.
-        ds["fp16"] = {"enabled": True, "loss_scale": 0, "initial_scale_power": 16, "loss_scale_window": 1000,
-                      "hysteresis": 2, "min_loss_scale": 1}
+    if cfg.strategy.precision != "fp32":
+        dtype = {"bf16": "bfloat16", "fp16": "float16"}[cfg.strategy.precision]
+        ds["torch_autocast"] = {"enabled": True, "dtype": dtype, "lower_precision_safe_modules": []}
     return _merge(ds, cfg.strategy.deepspeed)
 
 
@@ -192,42 +157,57 @@ class DeepSpeedStrategy:
     def __init__(self, cfg: Config, model: nn.Module, device: torch.device, steps_per_epoch: int):
         import deepspeed
 
-        if cfg.strategy.precision == "fp16" and device.type != "cuda":
-            raise ConfigError("strategy.precision=fp16 needs a GPU (DeepSpeed's CPU accelerator has no fp16)")
         self.cfg, self.device = cfg, device
         self.memory_format = torch.channels_last if cfg.model.channels_last else torch.contiguous_format
-        self.dtype = _DTYPES[cfg.strategy.precision]
-        # DeepSpeed casts parameters for bf16/fp16 but not BatchNorm's running statistics; cast the whole
-        # module so BN buffers match (its optimizer keeps fp32 master weights). Parameters keep the contiguous
-        # layout even with channels_last: DeepSpeed's initial broadcast views each one as bytes
-        # (`p.data.view(torch.uint8)`), which raises on channels_last strides; the inputs stay channels_last.
-        model = model.to(device, dtype=self.dtype)
-        optimizer = build_optimizer(cfg, model)
-        scheduler = build_scheduler(cfg, optimizer, steps_per_epoch)
+        # fp32 (autocast casts per operation). Parameters keep the contiguous layout even with channels_last:
+        # DeepSpeed's initial broadcast views each one as bytes (`p.data.view(torch.uint8)`), which raises on
+        # channels_last strides; the inputs are still channels_last.
+        model = model.to(device)
+        self.client_optimizer = build_optimizer(cfg, model, device)
         try:
-            self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
-                model=model, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(cfg),
-                dist_init_required=False)
+            self.engine, self.optimizer, _, _ = deepspeed.initialize(
+                model=model, optimizer=self.client_optimizer, config=deepspeed_config(cfg), dist_init_required=False)
         except (AssertionError, ValueError, KeyError, TypeError) as e:
             raise ConfigError(f"DeepSpeed rejected the config (strategy.*): {e}") from e
         self.module = self.engine.module
-        self.checkpoint_writers = dist.get_world_size() if dist.is_initialized() else 1
+        self.checkpoint_writers = _world()
         self.ema = None
-        self.scaler = None
+        self._applied, self._skipped = torch.ones((), device=device), torch.zeros((), device=device)
 
     def forward(self, images: torch.Tensor):
-        return self.engine(images.to(self.dtype).contiguous(memory_format=self.memory_format))
+        return self.engine(images.contiguous(memory_format=self.memory_format))
 
-    eval_forward = forward  # ZeRO-3 gathers partitioned weights inside the engine's forward
+    def eval_forward(self, images: torch.Tensor, module: nn.Module | None = None) -> torch.Tensor:
+        # ZeRO-3 gathers partitioned weights inside the engine's forward, under its torch_autocast.
+        return self.engine(images.contiguous(memory_format=self.memory_format))
 
-    def step(self, loss: torch.Tensor) -> bool:
-        skipped = self.engine.skipped_steps
-        self.engine.backward(loss)
-        self.engine.step()
-        return self.engine.skipped_steps == skipped
+    def set_lr(self, lr: float) -> None:
+        set_lr(self.client_optimizer, lr)  # ZeRO keeps the client optimizer's param_group dicts
 
     def lr(self) -> float:
         return self.engine.get_lr()[0]
+
+    def _scaler(self):
+        """The GradScaler DeepSpeed steps with under fp16 torch_autocast (stage 0: the engine's; else ZeRO's)."""
+        return getattr(self.engine, "torch_autocast_z0_gradscaler", None) or \
+            getattr(self.engine.optimizer, "torch_autocast_gradscaler", None)
+
+    def step(self, loss: torch.Tensor) -> torch.Tensor:
+        scaler = self._scaler() if self.cfg.strategy.precision == "fp16" else None
+        if scaler is not None:
+            scale = scaler._scale
+            before = scale.clone() if scale is not None else torch.tensor(scaler.get_scale(), device=self.device)
+        skipped = self.engine.skipped_steps
+        self.engine.backward(loss)
+        self.engine.step()
+        if self.engine.skipped_steps != skipped:  # ZeRO found non-finite gradients (DeepSpeed read that itself)
+            return self._skipped
+        if scaler is None:
+            return self._applied
+        return (scaler._scale >= before).to(self._applied.dtype)  # an overflow halves the scale (backoff)
+
+    def after_step(self, step: int) -> None:
+        pass
 
     def train(self, mode: bool = True) -> None:
         self.engine.train(mode)
@@ -238,8 +218,9 @@ class DeepSpeedStrategy:
             ckpt.save_state(directory, dict(extra))
 
     def load(self, directory: Path) -> dict:
+        ckpt.check_weights_only(directory)  # DeepSpeed's loader unpickles without weights_only
         path, _ = self.engine.load_checkpoint(str(directory), tag=self.TAG, load_optimizer_states=True,
-                                              load_lr_scheduler_states=True)
+                                              load_lr_scheduler_states=False)
         if path is None:
             raise ckpt.CheckpointError(f"checkpoint {directory}: DeepSpeed found no '{self.TAG}' state")
         return ckpt.load_state(directory, verify=False)

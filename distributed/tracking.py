@@ -22,7 +22,8 @@ from typing import Iterator
 from urllib.parse import urlsplit
 
 from distributed.config import Config, ConfigError, TrackingConfig
-from distributed.run_folder import MetricsLog, RunFolder, join, storage_uri
+from distributed.metrics import MetricsLog
+from distributed.run_folder import RunFolder, join, storage_uri
 
 TRACKING_FILE = "tracking.json"  # in the run folder: {"backend", "uri", "experiment_id", "run_id"}
 _NOT_PARAMS = ("tracking.",)  # where the run is tracked is not a parameter of the run (and a URL may hold a token)
@@ -172,8 +173,8 @@ def tracked_run(cfg: Config) -> Iterator[TrackedRun]:
 class TrackedMetricsLog(MetricsLog):
     """Rank 0's MetricsLog that also sends each record to the MLflow run named in tracking.json."""
 
-    def __init__(self, run: RunFolder, resume_step: int, tracker: MLflowTracker):
-        super().__init__(run, resume_step)
+    def __init__(self, run: RunFolder, attempt: int, resume_step: int, tracker: MLflowTracker):
+        super().__init__(run, attempt, resume_step)
         self.tracker = tracker
 
     def log(self, record: dict) -> None:
@@ -181,12 +182,12 @@ class TrackedMetricsLog(MetricsLog):
         self.tracker.log_record(record)
 
 
-def metrics_log(cfg: Config, run: RunFolder, resume_step: int) -> MetricsLog:
+def metrics_log(cfg: Config, run: RunFolder, attempt: int, resume_step: int) -> MetricsLog:
     """Rank 0's metrics log: MetricsLog, tracked in MLflow when `tracking.backend: mlflow`."""
     if cfg.tracking.backend != "mlflow":
-        return MetricsLog(run, resume_step)
+        return MetricsLog(run, attempt, resume_step)
     saved = json.loads(run.read_text(TRACKING_FILE) or "{}")
     if not saved.get("run_id"):
         raise ConfigError(f"tracking.backend=mlflow but {run.url(TRACKING_FILE)} is missing: start training with "
                           "`python -m jobs.train`, which opens the MLflow run (distributed.tracking.tracked_run)")
-    return TrackedMetricsLog(run, resume_step, MLflowTracker(saved["uri"], saved["run_id"]))
+    return TrackedMetricsLog(run, attempt, resume_step, MLflowTracker(saved["uri"], saved["run_id"]))

@@ -8,10 +8,13 @@ import time
 import uuid
 
 from data import read_index
+from distributed import checkpoint as ckpt
 from distributed.cluster import init_ray
 from distributed.config import Config, dump_yaml
-from distributed.loop import summarize_attempts, train_loop_per_worker
+from distributed.metrics import read_metrics, write_metrics_jsonl
+from distributed.reporting import SCORE, score_metric
 from distributed.run_folder import RunFolder, join, storage_filesystem, storage_uri
+from distributed.worker import train_loop_per_worker
 
 
 def build_trainer(cfg: Config, run_uri: str, launch_id: str):
@@ -33,9 +36,10 @@ def build_trainer(cfg: Config, run_uri: str, launch_id: str):
             name=cfg.run.name,
             storage_path=storage_path,
             storage_filesystem=filesystem,
-            # Keep the best by val top-1; Ray always keeps the latest too, so resume never goes back.
+            # Keep the num_to_keep best evaluated checkpoints by score; recovery checkpoints score -1, and Ray
+            # always keeps the latest too, so resume never goes back (distributed/reporting.py).
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.run.num_to_keep,
-                                               checkpoint_score_attribute="val_top1",
+                                               checkpoint_score_attribute=SCORE,
                                                checkpoint_score_order="max"),
             failure_config=FailureConfig(max_failures=cfg.run.max_failures),
             # Ray Train tees worker prints into its logger too; without this each progress line shows twice.
@@ -61,18 +65,45 @@ def fit(cfg: Config) -> dict:
     start = time.time()
     result = build_trainer(cfg, run_uri, launch_id).fit()
     summary = build_summary(cfg, run, result, launch_id, time.time() - start)
+    write_metrics_jsonl(run)
     run.write_text("summary.json", json.dumps(summary, indent=2))
     return summary
 
 
-def build_summary(cfg: Config, run: RunFolder, result, launch_id: str, wall: float) -> dict:
-    records = run.read_jsonl("metrics.jsonl")
-    evals = [r for r in records if r["kind"] == "eval"]
-    trains = [r for r in records if r["kind"] == "train"]
+def summarize_attempts(run: RunFolder, launch_id: str) -> dict:
+    attempts = [a for a in run.read_jsonl("attempts.jsonl") if a["launch_id"] == launch_id]
+    return {"failures_survived": max(0, len(attempts) - 1),
+            "params": attempts[-1]["params"] if attempts else None,
+            "started_from": attempts[0]["restored_from"] if attempts else None}
+
+
+def best_checkpoint(run: RunFolder) -> dict:
+    """The evaluated checkpoint with the highest score among those on storage (Ray has retired the others)."""
+    names = ckpt.list_checkpoints(run.uri)
+    best = ckpt.best_evaluated(run.uri, names)
+    if best is None:
+        return {"best_checkpoint": None, "best_score": None}
+    return {"best_checkpoint": join(run.uri, best[0]), "best_score": best[1]["score"]}
+
+
+def _eval_figures(evals: list[dict]) -> dict:
     best = max(evals, key=lambda r: r["val_top1"], default=None)
     final = evals[-1] if evals else None
+    out = {"best_top1": best["val_top1"] if best else None, "best_top5": best["val_top5"] if best else None,
+           "final_top1": final["val_top1"] if final else None, "final_top5": final["val_top5"] if final else None}
+    if any("val_ema_top1" in r for r in evals):
+        ema_best = max(evals, key=lambda r: r["val_ema_top1"])
+        out.update(best_ema_top1=ema_best["val_ema_top1"], best_ema_top5=ema_best["val_ema_top5"],
+                   final_ema_top1=final["val_ema_top1"], final_ema_top5=final["val_ema_top5"])
+    return out
+
+
+def build_summary(cfg: Config, run: RunFolder, result, launch_id: str, wall: float) -> dict:
+    records = read_metrics(run)
+    evals = [r for r in records if r["kind"] == "eval"]
+    trains = [r for r in records if r["kind"] == "train"]
+    final = evals[-1] if evals else None
     checkpoint = join(run.uri, os.path.basename(result.checkpoint.path.rstrip("/"))) if result.checkpoint else None
-    best_ckpts = getattr(result, "best_checkpoints", None) or []
     return {
         "model": cfg.model.name,
         "strategy": cfg.strategy.name,
@@ -81,15 +112,12 @@ def build_summary(cfg: Config, run: RunFolder, result, launch_id: str, wall: flo
         **summarize_attempts(run, launch_id),
         "epochs": final["epoch"] if final else 0,
         "steps": final["step"] if final else 0,
-        "best_top1": best["val_top1"] if best else None,
-        "best_top5": best["val_top5"] if best else None,
-        "final_top1": final["val_top1"] if final else None,
-        "final_top5": final["val_top5"] if final else None,
+        **_eval_figures(evals),
         "wall_time_s": round(wall, 1),
         "images_per_s": round(sum(r["images_per_s"] for r in trains) / len(trains), 2) if trains else None,
         "checkpoint": checkpoint,
-        "best_checkpoint": join(run.uri, os.path.basename(best_ckpts[0][0].path.rstrip("/")))
-        if best_ckpts else checkpoint,
+        "score_metric": score_metric(cfg),
+        **best_checkpoint(run),
         "corrupt_images_skipped": (final["corrupt_val"] + final.get("corrupt_train", 0)) if final else 0,
         # Undecodable files found by jobs.prepare: listed in _meta/bad_files.json beside the shards, never in them.
         "bad_files_excluded_by_prepare": read_index(cfg.data.url).bad_files,

@@ -9,8 +9,8 @@ import torch
 from torch import nn
 
 from data import StreamOptions, eval_loader, normalize, read_index
+from distributed.accuracy import AccuracyTally
 from evaluation.checkpoints import CheckpointWeights, build_inference_model, default_device
-from evaluation.localize import TOP_K
 from evaluation.report import EVALUATE_KIND, published_rows
 from models import split_outputs
 
@@ -24,41 +24,29 @@ def split_loader(url: str, split: str, *, image_size: int, batch_size: int, num_
 
 
 @torch.no_grad()
-def crop_probabilities(model: nn.Module, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Softmax of the centre crop, and the 10-crop average when `images` holds ten crops per image (on the CPU)."""
+def crop_log_probs(model: nn.Module, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Log-probabilities of the centre crop, and of the 10-crop average when `images` holds ten crops per image.
+
+    The centre crop's are log_softmax of the logits, as in the training loop's evaluation."""
     device = next(model.parameters()).device
     if images.dim() == 4:
-        return split_outputs(model(normalize(images, device)))[0].float().softmax(1).cpu(), None
+        return split_outputs(model(normalize(images, device)))[0].float().log_softmax(1), None
     b, n = images.shape[:2]
-    probs = split_outputs(model(normalize(images.flatten(0, 1), device)))[0].float().softmax(1).view(b, n, -1).cpu()
-    return probs[:, CENTRE_OF_TEN], probs.mean(1)
+    logits = split_outputs(model(normalize(images.flatten(0, 1), device)))[0].float().view(b, n, -1)
+    return logits[:, CENTRE_OF_TEN].log_softmax(1), logits.softmax(2).mean(1).clamp_min(1e-12).log()
 
 
-class Tally:
-    """Exact counts for one protocol: a confusion matrix of top-1 guesses, top-5 hits and the summed loss."""
-
-    def __init__(self, num_classes: int):
-        self.confusion = torch.zeros(num_classes, num_classes, dtype=torch.int64)  # rows: true, cols: top-1
-        self.top5 = torch.zeros(num_classes, dtype=torch.int64)
-        self.loss = 0.0
-
-    def add(self, probs: torch.Tensor, labels: torch.Tensor) -> None:
-        top = probs.topk(min(TOP_K, probs.shape[1]), dim=1).indices
-        flat = labels * self.confusion.shape[1] + top[:, 0]
-        self.confusion += torch.bincount(flat, minlength=self.confusion.numel()).view_as(self.confusion)
-        self.top5 += torch.bincount(labels[top.eq(labels[:, None]).any(1)], minlength=len(self.top5))
-        self.loss -= probs.gather(1, labels[:, None]).clamp_min(1e-12).log().sum().item()
-
-    def summary(self, classes: list[str], names: list[str], pairs: int = 10) -> dict:
-        per_true, hits1, hits5 = self.confusion.sum(1).tolist(), self.confusion.diag().tolist(), self.top5.tolist()
-        n = sum(per_true)
-        per_class = [{"class": c, "wnid": classes[c], "name": names[c], "samples": per_true[c],
-                      "top1": hits1[c] / per_true[c] if per_true[c] else None,
-                      "top5": hits5[c] / per_true[c] if per_true[c] else None}
-                     for c in range(len(classes))]
-        return {"samples": n, "top1": sum(hits1) / n, "top5": sum(hits5) / n,
-                "loss": self.loss / n, "per_class": per_class,
-                "confused_pairs": confused_pairs(self.confusion, classes, names, pairs)}
+def tally_summary(tally: AccuracyTally, classes: list[str], names: list[str], pairs: int = 10) -> dict:
+    """A protocol's figures: top-1/top-5/loss, per class, and the most confused pairs."""
+    totals = tally.totals()
+    confusion, top5 = tally.per_class()
+    per_true, hits1, hits5 = confusion.sum(1).tolist(), confusion.diag().tolist(), top5.tolist()
+    per_class = [{"class": c, "wnid": classes[c], "name": names[c], "samples": per_true[c],
+                  "top1": hits1[c] / per_true[c] if per_true[c] else None,
+                  "top5": hits5[c] / per_true[c] if per_true[c] else None}
+                 for c in range(len(classes))]
+    return {"samples": totals["samples"], "top1": totals["top1"], "top5": totals["top5"], "loss": totals["loss"],
+            "per_class": per_class, "confused_pairs": confused_pairs(confusion, classes, names, pairs)}
 
 
 def confused_pairs(confusion: torch.Tensor, classes: list[str], names: list[str], k: int) -> list[dict]:
@@ -77,8 +65,10 @@ def confused_pairs(confusion: torch.Tensor, classes: list[str], names: list[str]
 
 
 def evaluate_model(model: nn.Module, loader, num_classes: int) -> dict:
-    """Run a loader through the model; returns {"centre": Tally, "ten_crop": Tally | None, "corrupt": keys}."""
-    centre, ten, corrupt = Tally(num_classes), None, []
+    """Run a loader through the model; returns {"centre": AccuracyTally, "ten_crop": AccuracyTally | None,
+    "corrupt": keys}."""
+    device = next(model.parameters()).device
+    centre, ten, corrupt = AccuracyTally(num_classes, device), None, []
     for batch in loader:
         corrupt += batch["corrupt"]
         if len(batch["label"]) == 0:
@@ -86,12 +76,12 @@ def evaluate_model(model: nn.Module, loader, num_classes: int) -> dict:
         labels = batch["label"]
         if (labels < 0).any():
             raise ValueError("the split has unlabelled samples (label -1): evaluate the val split, not test")
-        p_centre, p_ten = crop_probabilities(model, batch["image"])
-        centre.add(p_centre, labels)
-        if p_ten is not None:
-            ten = ten or Tally(num_classes)
-            ten.add(p_ten, labels)
-    if centre.confusion.sum() == 0:
+        lp_centre, lp_ten = crop_log_probs(model, batch["image"])
+        centre.add_log_probs(lp_centre, labels)
+        if lp_ten is not None:
+            ten = ten or AccuracyTally(num_classes, device)
+            ten.add_log_probs(lp_ten, labels)
+    if centre.totals()["samples"] == 0:
         raise ValueError("evaluation saw no decodable images")
     return {"centre": centre, "ten_crop": ten, "corrupt": corrupt}
 
@@ -105,12 +95,13 @@ def evaluate_checkpoint(ck: CheckpointWeights, data_url: str, split: str = "val"
     loader = split_loader(data_url, split, image_size=image_size, batch_size=batch_size, num_workers=num_workers,
                           ten_crop=ten_crop)
     out = evaluate_model(model, loader, index.num_classes)
-    seen, expected = int(out["centre"].confusion.sum()) + len(out["corrupt"]), index.split(split, data_url).samples
+    seen, expected = out["centre"].totals()["samples"] + len(out["corrupt"]), index.split(split, data_url).samples
     if seen != expected:  # never report a figure over a silently different set of images
         raise RuntimeError(f"{data_url} split {split!r}: evaluated {seen} samples, _index.json lists {expected}")
     return {"kind": EVALUATE_KIND, "checkpoint": ck.url, "model": ck.cfg.model.name,
             "model_kwargs": ck.cfg.model.kwargs, "weights": ck.source, "step": ck.step, "epoch": ck.epoch,
+            "role": ck.role, "score": ck.score,
             "data": data_url, "split": split, "image_size": image_size, "corrupt": out["corrupt"],
-            "centre": out["centre"].summary(index.classes, index.class_names),
-            "ten_crop": out["ten_crop"].summary(index.classes, index.class_names) if out["ten_crop"] else None,
+            "centre": tally_summary(out["centre"], index.classes, index.class_names),
+            "ten_crop": tally_summary(out["ten_crop"], index.classes, index.class_names) if out["ten_crop"] else None,
             "published": published_rows()}

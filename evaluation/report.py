@@ -11,6 +11,8 @@ import fsspec
 import yaml
 from fsspec.implementations.local import LocalFileSystem
 
+from distributed.checkpoint import CheckpointError, read_meta, select_checkpoint
+from distributed.metrics import read_metrics
 from distributed.run_folder import RunFolder, join
 from models import ILSVRC_WINNERS
 from models.published import published_for
@@ -105,9 +107,19 @@ class RunResults:
     metrics: list[dict]
     evaluation: dict | None  # results.json of jobs.evaluate
     localization: dict | None  # a predict sidecar with a localization error (val)
+    checkpoint: dict | None = None  # the newest (or best evaluated) checkpoint: url and its meta.json
 
 
-def read_run(url: str) -> RunResults:
+def run_checkpoint(url: str, best: bool) -> dict | None:
+    """{"url", "role", "step", "score", ...} of the run's newest or best evaluated checkpoint; None without one."""
+    try:
+        chosen = select_checkpoint(url, best=best)
+    except CheckpointError:
+        return None
+    return {"url": chosen, **(read_meta(chosen) or {})}
+
+
+def read_run(url: str, best: bool = False) -> RunResults:
     run = RunFolder(url)
     if not run.fs.exists(run.path):
         raise FileNotFoundError(f"run folder {url} does not exist")
@@ -121,7 +133,8 @@ def read_run(url: str) -> RunResults:
             localization = doc
     config = yaml.safe_load(run.read_text("config.yaml") or "null")
     return RunResults(run.uri.rsplit("/", 1)[-1], run.uri, json.loads(text) if text else None, config,
-                      run.read_jsonl("metrics.jsonl"), json.loads(evaluation) if evaluation else None, localization)
+                      read_metrics(run), json.loads(evaluation) if evaluation else None, localization,
+                      run_checkpoint(url, best))
 
 
 def run_row(run: RunResults) -> dict:
@@ -136,7 +149,9 @@ def run_row(run: RunResults) -> dict:
            "epochs": s.get("epochs", best["epoch"] if best else None),
            "top1": s.get("best_top1", best["val_top1"] if best else None),
            "top5": s.get("best_top5", best["val_top5"] if best else None),
-           "eval_top1": None, "eval_top5": None, "eval_protocol": None, "loc5": None}
+           "eval_top1": None, "eval_top5": None, "eval_protocol": None, "loc5": None,
+           "checkpoint": run.checkpoint["url"].rsplit("/", 1)[-1] if run.checkpoint else None,
+           "checkpoint_score": (run.checkpoint or {}).get("score")}
     if run.evaluation:
         r = run.evaluation.get("ten_crop") or run.evaluation["centre"]
         row.update(eval_top1=r["top1"], eval_top5=r["top5"],
@@ -153,12 +168,14 @@ def report_markdown(runs: list[RunResults], chart: str) -> str:
              f"![top-1 against forward GFLOPs: the runs beside the published models and their frontier]"
              f"({FRONTIER_CHART})", "",
              "## Runs", "", "| run | model | strategy | workers | epochs | best val top-1 % | best val top-5 % | "
-             "evaluated top-1 % | evaluated top-5 % | protocol | top-5 loc. error % |",
-             "|---|---|---|---:|---:|---:|---:|---:|---:|---|---:|"]
+             "evaluated top-1 % | evaluated top-5 % | protocol | top-5 loc. error % | checkpoint (score %) |",
+             "|---|---|---|---:|---:|---:|---:|---:|---:|---|---:|---|"]
     for r in rows:
+        score = f" ({f(r['checkpoint_score'])})" if r["checkpoint_score"] is not None else ""
         lines.append(f"| {r['run']} | {r['model'] or '—'} | {r['strategy'] or '—'} | {r['workers'] or '—'} "
                      f"| {r['epochs'] or '—'} | {f(r['top1'])} | {f(r['top5'])} | {f(r['eval_top1'])} "
-                     f"| {f(r['eval_top5'])} | {r['eval_protocol'] or '—'} | {f(r['loc5'])} |")
+                     f"| {f(r['eval_top5'])} | {r['eval_protocol'] or '—'} | {f(r['loc5'])} "
+                     f"| {r['checkpoint'] or '—'}{score} |")
     lines += ["", "Best val figures come from the training run's evaluations (summary.json / metrics.jsonl); "
               "evaluated ones from `jobs.evaluate` (results.json); localization error from `jobs.predict --split val`.",
               "", "## ILSVRC classification winners (top-5 error on the test set)", "",
@@ -217,7 +234,7 @@ def write_curves(run_url: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    records = run.read_jsonl("metrics.jsonl")
+    records = read_metrics(run)
     trains = [r for r in records if r["kind"] == "train"]
     evals = [r for r in records if r["kind"] == "eval"]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))

@@ -1,13 +1,15 @@
 """Evaluate a checkpoint: top-1/top-5, per-class accuracy and the most confused pairs, beside published figures.
 
-    python -m jobs.evaluate --checkpoint runs/demo/checkpoint_0000000120 [--data URL] [--split val] [--ten-crop]
-        [--batch-size 64] [--loader-workers 2] [--image-size N] [--ema] [--out DIR]
+    python -m jobs.evaluate --checkpoint runs/demo [--best] [--data URL] [--split val] [--ten-crop]
+        [--batch-size 64] [--loader-workers 2] [--image-size N] [--weights scored|raw|ema] [--out DIR]
 
---checkpoint is a checkpoint directory or a run folder (its newest checkpoint), local or s3:// / gs://, written
-by a DDP or a DeepSpeed (ZeRO 0-3) run. --ten-crop adds the 10-crop protocol (softmax averaged) to the centre
-crop. Writes results.md, results.json and frontier.png (top-1 against forward GFLOPs beside the published models) to
---out (default: the run folder when the checkpoint is local, else the current directory), prints the table, and
-prints the results JSON's headline as the last line.
+--checkpoint is a checkpoint directory or a run folder (its newest checkpoint; with --best its evaluated
+checkpoint of the highest score), local or s3:// / gs://, written by a DDP or a DeepSpeed (ZeRO 0-3) run.
+--weights: the weights that scored the checkpoint (the default: the EMA's when the run set
+run.checkpoint_score=ema), or the raw or EMA weights. --ten-crop adds the 10-crop protocol (softmax averaged)
+to the centre crop. Writes results.md, results.json and frontier.png (top-1 against forward GFLOPs beside the
+published models) to --out (default: the run folder when the checkpoint is local, else the current directory),
+prints the table, and prints the results JSON's headline as the last line.
 """
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ import json
 import sys
 
 from distributed.checkpoint import CheckpointError
-from evaluation.checkpoints import read_checkpoint
+from evaluation.checkpoints import WEIGHTS, read_checkpoint
 from evaluation.classify import evaluate_checkpoint
 from distributed.run_folder import join
 from evaluation.frontier import frontier_chart, our_point
@@ -27,13 +29,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m jobs.evaluate", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True, help="checkpoint directory or run folder (any fsspec URL)")
+    p.add_argument("--best", action="store_true", help="a run folder's best evaluated checkpoint, not its newest")
     p.add_argument("--data", help="shards URL (default: the run config's data.url)")
     p.add_argument("--split", default="val", help="a labelled split (default: val)")
     p.add_argument("--ten-crop", action="store_true", help="also evaluate 10 crops (TenCrop), softmax averaged")
     p.add_argument("--batch-size", type=int, default=64, help="images per batch (x10 crops with --ten-crop)")
     p.add_argument("--loader-workers", type=int, default=0, help="DataLoader worker processes")
     p.add_argument("--image-size", type=int, help="crop size (default: the run config's data.image_size)")
-    p.add_argument("--ema", action="store_true", help="evaluate the EMA weights (runs with optim.ema_decay)")
+    p.add_argument("--weights", choices=WEIGHTS, default="scored",
+                   help="scored (default: those that scored the checkpoint), raw, or ema (runs with optim.ema_decay)")
+    p.add_argument("--ema", action="store_const", const="ema", dest="weights", help="same as --weights ema")
     p.add_argument("--out", help="directory for results.md / results.json (any fsspec URL)")
     args = p.parse_args(argv)
     if args.batch_size < 1 or args.loader_workers < 0 or (args.image_size is not None and args.image_size < 1):
@@ -44,7 +49,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        ck = read_checkpoint(args.checkpoint, ema=args.ema)
+        ck = read_checkpoint(args.checkpoint, weights=args.weights, best=args.best)
     except CheckpointError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -58,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
                               ck.cfg.model.kwargs, len(best["per_class"]))], join(out, FRONTIER_CHART))
     paths = (*paths, join(out, FRONTIER_CHART))
     print(results_markdown(results))
-    headline = {k: results[k] for k in ("checkpoint", "model", "split")}
+    headline = {k: results[k] for k in ("checkpoint", "model", "weights", "split", "role", "score")}
     for key in ("centre", "ten_crop"):
         if results[key]:
             headline[key] = {m: results[key][m] for m in ("top1", "top5", "loss", "samples")}

@@ -1,9 +1,11 @@
 """Export a checkpoint for use outside this project: safetensors weights, config, classes and a torch.export program.
 
-    python -m jobs.export --checkpoint runs/demo --out export [--ema] [--data URL] [--image-size N]
+    python -m jobs.export --checkpoint runs/demo [--best] --out export [--weights scored|raw|ema] [--data URL]
+        [--image-size N]
 
---checkpoint is a checkpoint directory or a run folder (its newest checkpoint), local or s3:// / gs://, written by
-a DDP or a DeepSpeed (ZeRO 0-3) run. Writes into --out (any fsspec URL): model.safetensors (unwrapped fp32
+--checkpoint is a checkpoint directory or a run folder (its newest checkpoint; with --best its evaluated
+checkpoint of the highest score), local or s3:// / gs://, written by a DDP or a DeepSpeed (ZeRO 0-3) run.
+--weights: the weights that scored the checkpoint (the default), or the raw or EMA weights. Writes into --out (any fsspec URL): model.safetensors (unwrapped fp32
 state_dict; for every model but se_googlenet with SE blocks, torchvision's or timm's architecture loads it with
 strict=True: config.json names the builder), config.json, classes.json (class index -> wnid -> name, from the data
 index the run trained on, or --data) and model.pt2 (torch.export, dynamic batch, normalised NCHW float32 input).
@@ -18,7 +20,7 @@ import sys
 from data import ShardIndexError
 from distributed.checkpoint import CheckpointError
 from distributed.run_folder import join
-from evaluation.checkpoints import read_checkpoint
+from evaluation.checkpoints import WEIGHTS, read_checkpoint
 from evaluation.export import CLASSES, CONFIG, PROGRAM, WEIGHTS, ExportOptions, write_export
 
 
@@ -27,7 +29,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True, help="checkpoint directory or run folder (any fsspec URL)")
     p.add_argument("--out", required=True, help="output directory (any fsspec URL)")
-    p.add_argument("--ema", action="store_true", help="export the EMA weights (runs with optim.ema_decay)")
+    p.add_argument("--best", action="store_true", help="a run folder's best evaluated checkpoint, not its newest")
+    p.add_argument("--weights", choices=WEIGHTS, default="scored",
+                   help="scored: the weights that scored the checkpoint (run.checkpoint_score); raw; or ema")
+    p.add_argument("--ema", action="store_const", const="ema", dest="weights", help="same as --weights ema")
     p.add_argument("--data", help="shards URL whose index names the classes (default: the run config's data.url)")
     p.add_argument("--image-size", type=int, help="the program's input size (default: the run's data.image_size)")
     args = p.parse_args(argv)
@@ -36,15 +41,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def checkpoint_url(args: argparse.Namespace) -> str:
-    """The one place where the checkpoint to export is chosen (a run folder resolves to its newest checkpoint)."""
-    return args.checkpoint
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        ck = read_checkpoint(checkpoint_url(args), ema=args.ema)
+        ck = read_checkpoint(args.checkpoint, weights=args.weights, best=args.best)
         options = ExportOptions(data_url=args.data or ck.cfg.data.url,
                                 image_size=args.image_size or ck.cfg.data.image_size)
         config = write_export(ck, options, args.out)

@@ -1,7 +1,11 @@
 """Predict a split as a Kaggle "ImageNet Object Localization Challenge" submission: five classes and a box each.
 
-    python -m jobs.predict --checkpoint URL --split test --out submission.csv [--label-format id|wnid]
-        [--data URL] [--workers N] [--batch-size 32] [--cam-threshold 0.2] [--address RAY_ADDRESS] [--ema]
+    python -m jobs.predict --checkpoint URL [--best] --split test --out submission.csv [--label-format id|wnid]
+        [--data URL] [--workers N] [--batch-size 32] [--cam-threshold 0.2] [--address RAY_ADDRESS]
+        [--weights scored|raw|ema]
+
+--checkpoint is a checkpoint directory or a run folder (its newest checkpoint; with --best its evaluated
+checkpoint of the highest score).
 
 Rows are `ImageId,PredictionString` with up to five `label x_min y_min x_max y_max`; labels are 1-based
 LOC_synset_mapping.txt line numbers (`id`, the default) or wnids. Boxes come from class activation maps (whole
@@ -20,7 +24,7 @@ import fsspec
 from data import read_index
 from distributed.checkpoint import CheckpointError
 from distributed.cluster import init_ray
-from evaluation.checkpoints import read_checkpoint
+from evaluation.checkpoints import WEIGHTS, read_checkpoint
 from evaluation.localize import CAM_THRESHOLD
 from evaluation.predict import prediction_summary, run_predictions, write_submission
 
@@ -29,6 +33,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m jobs.predict", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True, help="checkpoint directory or run folder (any fsspec URL)")
+    p.add_argument("--best", action="store_true", help="a run folder's best evaluated checkpoint, not its newest")
     p.add_argument("--split", required=True, choices=("test", "val"))
     p.add_argument("--out", required=True, help="submission CSV (any fsspec URL)")
     p.add_argument("--label-format", choices=("id", "wnid"), default="id",
@@ -42,7 +47,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--gpu", action="store_true", help="one GPU per Ray task (--workers > 1; in-process: "
                    "a GPU is used whenever one is visible)")
     p.add_argument("--address", help="Ray address for --workers > 1 (default: $RAY_ADDRESS, else a local Ray)")
-    p.add_argument("--ema", action="store_true", help="use the EMA weights (runs with optim.ema_decay)")
+    p.add_argument("--weights", choices=WEIGHTS, default="scored",
+                   help="scored (default: those that scored the checkpoint), raw, or ema (runs with optim.ema_decay)")
+    p.add_argument("--ema", action="store_const", const="ema", dest="weights", help="same as --weights ema")
     args = p.parse_args(argv)
     if args.workers < 1 or args.batch_size < 1 or not 0 < args.cam_threshold < 1:
         p.error("--workers and --batch-size must be >= 1 and --cam-threshold in (0, 1)")
@@ -56,7 +63,7 @@ def sidecar_url(out: str) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        ck = read_checkpoint(args.checkpoint, ema=args.ema)
+        ck = read_checkpoint(args.checkpoint, weights=args.weights, best=args.best)
     except CheckpointError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

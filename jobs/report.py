@@ -1,12 +1,13 @@
 """A results page for one or more runs: their top-1/top-5 (and localization error) beside the ILSVRC winners and
 the published single models, with the training curves side by side.
 
-    python -m jobs.report runs/se_googlenet runs/googlenet [--out report]
+    python -m jobs.report runs/se_googlenet runs/googlenet [--best] [--out report]
 
-Each RUN_URL is a run folder `{storage_path}/{run_name}` (any fsspec URL): summary.json and metrics.jsonl from
+Each RUN_URL is a run folder `{storage_path}/{run_name}` (any fsspec URL): summary.json and the metrics from
 training, results.json from jobs.evaluate and a jobs.predict --split val summary (`*.json` of kind "predict")
-when present. Writes report.md, report.png and frontier.png (the runs' top-1 against forward GFLOPs beside the
-published models, their frontier and the ILSVRC winners' architectures) to --out.
+when present. Each run's row names its newest checkpoint, or with --best its best evaluated one, and its score.
+Writes report.md, report.png and frontier.png (the runs' top-1 against forward GFLOPs beside the published models,
+their frontier and the ILSVRC winners' architectures) to --out.
 """
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m jobs.report", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("runs", nargs="+", metavar="RUN_URL", help="run folders")
+    p.add_argument("--best", action="store_true", help="name each run's best evaluated checkpoint, not its newest")
     p.add_argument("--out", default="report", help="output directory (any fsspec URL; default: report)")
     return p.parse_args(argv)
 
@@ -34,7 +36,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        runs = [read_run(url) for url in args.runs]
+        runs = [read_run(url, best=args.best) for url in args.runs]
     except FileNotFoundError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -24,7 +24,8 @@ import pytest
 import s3fs
 
 from distributed import checkpoint as ckpt
-from distributed.resume import NAME, checkpoint_step
+from distributed.checkpoint import NAME, checkpoint_step
+from distributed.metrics import read_metrics
 from distributed.run_folder import RunFolder
 from distributed.trainer import fit
 from tests.conftest import _time_limit, tiny_overrides
@@ -184,9 +185,9 @@ def outage_run(ray_local, s3_server, shards, tiny_config):
 
     def outage():
         deadline = time.monotonic() + 150
-        # Rank 0 rewrites metrics.jsonl right before it saves and uploads each checkpoint.
+        # Rank 0 queues the metrics since the last checkpoint for upload right before it saves each checkpoint.
         while time.monotonic() < deadline:
-            if any(r["kind"] == "train" and r["step"] >= 2 for r in run.read_jsonl("metrics.jsonl")):
+            if any(r["kind"] == "train" and r["step"] >= 2 for r in read_metrics(run)):
                 break
             time.sleep(0.02)
         else:
@@ -225,7 +226,7 @@ def test_storage_outage_during_checkpoint_upload_is_ridden_out(outage_run, tmp_p
     # No partial checkpoint anywhere: every directory Ray reported verifies, sizes and sha256.
     assert all(verifies(fs, f"{bucket}/runs/outage/{n}", tmp_path) for n in names)
     run = outage_run["run"]
-    assert [r["step"] for r in run.read_jsonl("metrics.jsonl") if r["kind"] == "eval"] == [4, 8]
+    assert [r["step"] for r in read_metrics(run) if r["kind"] == "eval"] == [4, 8]
 
 
 def test_corrupt_newest_checkpoint_falls_back_to_the_previous_one(outage_run, capfd, tmp_path, time_limit):
@@ -239,7 +240,7 @@ def test_corrupt_newest_checkpoint_falls_back_to_the_previous_one(outage_run, ca
     with time_limit(150, "the resumed run"):
         summary = fit(cfg)
     out = capfd.readouterr().out
-    assert f"skipping checkpoint {folder}/{newest}" in out and "manifest says" in out  # names dir and size
+    assert f"skipping checkpoint s3://{folder}/{newest}" in out and "manifest says" in out  # names URL and size
     assert summary["started_from"] == f"run:{previous}"
     assert summary["steps"] == 8 and summary["epochs"] == 2
     attempts = outage_run["run"].read_jsonl("attempts.jsonl")
@@ -302,8 +303,9 @@ def test_sigterm_to_a_worker_saves_a_checkpoint_and_the_run_resumes_from_it(ray_
     thread = threading.Thread(target=preempt, daemon=True)
     thread.start()
     # Checkpoints only at epoch ends (steps 4, 8, 12), so a mid-epoch one can only come from the SIGTERM.
+    # num_to_keep=10: Ray would retire the SIGTERM (recovery) checkpoint once it is no longer the latest.
     cfg = tiny_config(shards, storage, "preempted", "schedule.epochs=3", "run.checkpoint_every_steps=100",
-                      "run.log_every_steps=1", "run.max_failures=1")
+                      "run.log_every_steps=1", "run.max_failures=1", "run.num_to_keep=10")
     with time_limit(200, "the preempted run"):
         summary = fit(cfg)
     thread.join(timeout=5)

@@ -8,7 +8,8 @@ import torch
 from distributed import checkpoint as ckpt
 from distributed.config import load_config
 from distributed.loss import compute_loss
-from distributed.strategies import DDPStrategy, build_optimizer, lr_factor
+from distributed.optim import build_optimizer, lr_factor
+from distributed.strategies import DDPStrategy
 from models import get_model
 
 
@@ -57,7 +58,6 @@ def test_ddp_checkpoint_round_trips_every_field(tmp_path):
         _assert_same(value, state[key], key)
     _assert_same(src.module.state_dict(), dst.module.state_dict(), "model")
     _assert_same(src.optimizer.state_dict(), dst.optimizer.state_dict(), "optimizer")
-    _assert_same(src.scheduler.state_dict(), dst.scheduler.state_dict(), "scheduler")
     _assert_same(src.ema.module.state_dict(), dst.ema.module.state_dict(), "ema")
     # Both continue identically.
     _train_steps(src, cfg, 1)
@@ -142,3 +142,99 @@ def test_no_weight_decay_on_norm_and_bias():
     assert no_decay["weight_decay"] == 0.0 and decay["weight_decay"] == cfg.optim.weight_decay
     # lr scales with the global batch: base_lr per 256.
     assert decay["lr"] == pytest.approx(cfg.optim.base_lr * cfg.data.batch_size * cfg.run.num_workers / 256)
+
+
+def _checkpoint(directory, step, role, score):
+    ckpt.save_state(directory, {"step": step})
+    ckpt.write_meta(directory, role=role, step=step, epoch=step // 4, batch=step % 4, score=score, metric="val_top1")
+    ckpt.write_manifest(directory, rank=0, world_size=1)
+
+
+def _run_folder(root):
+    """Checkpoints of both roles beside Ray's own files (names as Ray 2.60 writes them)."""
+    for step, role, score in ((2, "recovery", None), (4, "evaluated", 0.5), (8, "evaluated", 0.25),
+                              (9, "recovery", None)):
+        _checkpoint(root / ckpt.checkpoint_dir_name(step), step, role, score)
+    _checkpoint(root / f"{ckpt.checkpoint_dir_name(8)}-1a2b3c", 8, "evaluated", 0.5)  # after a fallback, newer
+    (root / "checkpoint_manager_snapshot.json").write_text("{}")
+    (root / ".validate_storage_marker").write_text("")
+    (root / "checkpoint_tmp_1234").mkdir()  # not of checkpoint_dir_name's form
+    (root / "metrics").mkdir()
+
+
+def test_listing_ignores_rays_files_and_picks_newest_or_best(tmp_path):
+    _run_folder(tmp_path)
+    names = ckpt.list_checkpoints(str(tmp_path))
+    assert names == ["checkpoint_0000000009", "checkpoint_0000000008-1a2b3c", "checkpoint_0000000008",
+                     "checkpoint_0000000004", "checkpoint_0000000002"]
+    assert ckpt.select_checkpoint(str(tmp_path)) == f"{tmp_path}/checkpoint_0000000009"
+    # Highest score; of equal scores the newest (as Ray's retention ranks them).
+    assert ckpt.select_checkpoint(str(tmp_path), best=True) == f"{tmp_path}/checkpoint_0000000008-1a2b3c"
+    one = f"{tmp_path}/checkpoint_0000000004"
+    assert ckpt.select_checkpoint(one) == one and ckpt.select_checkpoint(one + "/", best=True) == one
+    assert ckpt.list_checkpoints(str(tmp_path / "nowhere")) == []
+    with pytest.raises(ckpt.CheckpointError, match="neither a checkpoint directory"):
+        ckpt.select_checkpoint(str(tmp_path / "metrics"))
+
+
+def test_best_needs_an_evaluated_checkpoint(tmp_path):
+    _checkpoint(tmp_path / ckpt.checkpoint_dir_name(2), 2, "recovery", None)
+    with pytest.raises(ckpt.CheckpointError, match="none of its checkpoints .* is an evaluated one"):
+        ckpt.select_checkpoint(str(tmp_path), best=True)
+
+
+def test_listing_on_s3(tmp_path, s3_bucket):
+    import fsspec
+
+    _run_folder(tmp_path / "run")
+    fsspec.filesystem("s3").put(str(tmp_path / "run") + "/", f"{s3_bucket}/runs/x/", recursive=True)
+    url = f"s3://{s3_bucket}/runs/x"
+    assert ckpt.select_checkpoint(url) == f"{url}/checkpoint_0000000009"
+    assert ckpt.select_checkpoint(url, best=True) == f"{url}/checkpoint_0000000008-1a2b3c"
+
+
+class _Payload:
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_a_pickle_payload_in_a_deepspeed_shard_is_refused_before_deepspeed_reads_it(tmp_path):
+    from distributed.strategies import DeepSpeedStrategy
+
+    marker = tmp_path / "pwned"
+    (tmp_path / "zero").mkdir()
+    torch.save({"module": {"w": torch.ones(2)}}, tmp_path / "zero" / "mp_rank_00_model_states.pt")
+    torch.save({"optimizer_state_dict": {"state": _Payload(marker)}},
+               tmp_path / "zero" / "zero_pp_rank_0_mp_rank_00_optim_states.pt")
+    ckpt.save_state(tmp_path, {"step": 1})
+
+    class Engine:  # DeepSpeed's engine would unpickle without weights_only; it must never be reached
+        calls = 0
+
+        def load_checkpoint(self, *args, **kwargs):
+            Engine.calls += 1
+
+    strategy = DeepSpeedStrategy.__new__(DeepSpeedStrategy)
+    strategy.engine = Engine()
+    with pytest.raises(ckpt.CheckpointError, match=r"zero/zero_pp_rank_0_mp_rank_00_optim_states.pt does not load "
+                                                   r"with weights_only=True.*could run code"):
+        strategy.load(tmp_path)
+    assert Engine.calls == 0 and not marker.exists()
+
+
+def test_the_recovery_score_survives_rays_snapshot():
+    """Ray's checkpoint_manager_snapshot.json (pydantic) keeps -1 but turns -inf into null, on which the next
+    launch's checkpoint manager fails (seen in a resumed run); so recovery checkpoints score -1."""
+    from ray.train.v2._internal.execution.checkpoint.checkpoint_manager import _TrainingResultState
+
+    from distributed.reporting import RECOVERY_SCORE
+
+    def round_trip(score):
+        state = _TrainingResultState(checkpoint_dir_name="checkpoint_0000000002", metrics={"score": score})
+        return _TrainingResultState.parse_raw(state.json()).metrics["score"]
+
+    assert round_trip(RECOVERY_SCORE) == RECOVERY_SCORE < 0.0
+    assert round_trip(float("-inf")) is None

@@ -56,6 +56,23 @@ def test_bad_values_name_the_key(override, fragment):
         load_config("configs/demo.yaml", [override])
 
 
+@pytest.mark.parametrize("overrides, fragment", [
+    (["run.checkpoint_score=ema"], "'run.checkpoint_score' = 'ema' needs optim.ema_decay"),
+    (["optim.implementation=apex"], "'optim.implementation' = 'apex'; valid: 'auto', 'fused'"),
+    (["strategy.name=deepspeed", "optim.ema_decay=0.9999"], "'optim.ema_decay' is supported with strategy.name=ddp"),
+    (["strategy.name=deepspeed", "model.compile=true"], "'model.compile' is supported with strategy.name=ddp only"),
+    (["strategy.name=deepspeed", "strategy.zero_stage=2", "strategy.precision=fp16"],
+     "fp16 with strategy.name=deepspeed needs strategy.zero_stage=0 (got 2)"),
+    (["strategy.name=deepspeed", "strategy.deepspeed={gradient_accumulation_steps: 2}"],
+     "gradient accumulation is not supported"),
+    (["strategy.name=deepspeed", "strategy.deepspeed={bf16: {enabled: true}}"],
+     "'strategy.deepspeed.bf16' is not accepted: set strategy.precision"),
+])
+def test_combinations_the_loop_cannot_run_are_refused(overrides, fragment):
+    with pytest.raises(ConfigError, match=fragment.replace("(", r"\(").replace(")", r"\)")):
+        load_config("configs/demo.yaml", overrides)
+
+
 def test_bad_yaml_file(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("model: [unclosed\n")

@@ -173,47 +173,68 @@ DEEPSPEED_SCRIPT = textwrap.dedent("""
     import torch.distributed as dist
     sys.path.insert(0, {repo!r})
     dist.init_process_group("gloo", init_method="tcp://127.0.0.1:{port}", rank=0, world_size=1)
-    import deepspeed
     from distributed import checkpoint as ckpt
     from distributed.config import load_config
+    from distributed.strategies import DeepSpeedStrategy
     from models import get_model
-    cfg = load_config({config!r}, {overrides!r})
-    torch.manual_seed(0)
-    model = get_model("googlenet", num_classes=3)
-    torch.save(model.state_dict(), {expected!r})
-    engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
-        config={{"train_batch_size": 1, "zero_optimization": {{"stage": 1}}, "zero_allow_untested_optimizer": True}},
-        dist_init_required=False)
-    engine.save_checkpoint({out!r}, tag="zero", save_latest=True)  # as DeepSpeedStrategy.save
-    ckpt.save_state({out!r}, {{"config": cfg.to_dict(), "epoch": 0, "step": 1}})
-    ckpt.write_manifest({out!r}, rank=0, world_size=1, writers=1)
+    for stage, out in ((0, {out0!r}), (1, {out1!r})):  # bf16 autocast; stage 0 writes no optimizer shards
+        cfg = load_config({config!r}, {overrides!r} + [f"strategy.zero_stage={{stage}}"])
+        torch.manual_seed(0)
+        model = get_model("googlenet", num_classes=3)
+        strategy = DeepSpeedStrategy(cfg, model, torch.device("cpu"), steps_per_epoch=1)
+        torch.save(model.state_dict(), os.path.join({tmp!r}, f"expected{{stage}}.pt"))
+        strategy.save(out, {{"config": cfg.to_dict(), "epoch": 0, "step": 1}}, rank=0)
+        ckpt.write_manifest(out, rank=0, world_size=1, writers=1)
 """)
 
 
 @pytest.mark.slow  # DeepSpeed's import (and, the first time on a machine, its CPU comm op build) takes 10-60 s
-def test_deepspeed_checkpoint_loads(dataset, tmp_path):
-    out, expected = tmp_path / "checkpoint_0000000001", tmp_path / "expected.pt"
+def test_deepspeed_checkpoints_load_and_a_planted_payload_is_refused(dataset, tmp_path):
+    """Stage 0 and 1 with bf16 autocast: fp32 weights from the module states; a pickle payload planted in a ZeRO
+    shard is refused before anything unpickles it (the payload would create a marker file)."""
+    out0, out1 = tmp_path / "checkpoint_0000000001", tmp_path / "stage1" / "checkpoint_0000000001"
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     overrides = [f"data.url={dataset / 'shards'}", f"data.image_size={IMAGE_SIZE}", "model.name=googlenet",
-                 "model.kwargs={}", "strategy.name=deepspeed", "strategy.zero_stage=1"]
+                 "model.kwargs={}", "strategy.name=deepspeed", "strategy.precision=bf16"]
     script = DEEPSPEED_SCRIPT.format(repo=str(REPO), port=port, config=str(REPO / "configs/demo.yaml"),
-                                     overrides=overrides, expected=str(expected), out=str(out))
+                                     overrides=overrides, out0=str(out0), out1=str(out1), tmp=str(tmp_path))
     env = {**os.environ, "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1",  # DeepSpeed asserts LOCAL_RANK
            "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=env, timeout=240, capture_output=True,
+    proc = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=env, timeout=300, capture_output=True,
                           text=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "model" not in torch.load(out / "state.pt", weights_only=True)
-    want = torch.load(expected, weights_only=True)
-    ck = checkpoints.read_checkpoint(str(out))
-    assert ck.source == "deepspeed module" and ck.cfg.strategy.name == "deepspeed"
-    assert ck.weights.keys() == want.keys() and all(torch.equal(want[k], ck.weights[k]) for k in want)
-    rebuilt, source = checkpoints.deepspeed_weights(out, zero_stage=1, precision="bf16")  # the zero_to_fp32 path
+    assert not list((out0 / "zero").glob("*optim_states.pt")) and list((out1 / "zero").glob("*optim_states.pt"))
+    for stage, out in ((0, out0), (1, out1)):
+        want = torch.load(tmp_path / f"expected{stage}.pt", weights_only=True)
+        assert "model" not in torch.load(out / "state.pt", weights_only=True)
+        ck = checkpoints.read_checkpoint(str(out))
+        assert ck.source == "deepspeed module" and ck.cfg.strategy.zero_stage == stage
+        assert ck.weights.keys() == want.keys()
+        assert all(torch.equal(want[k], ck.weights[k]) and ck.weights[k].dtype == want[k].dtype for k in want)
+        checkpoints.build_inference_model(ck.cfg, ck.weights, NUM_CLASSES)  # strict: every key fits
+    rebuilt, source = checkpoints.deepspeed_weights(out1, zero_stage=3)  # the zero_to_fp32 path (ZeRO-3's)
     assert source == "deepspeed zero_to_fp32"
-    assert all(torch.equal(want[k], rebuilt[k].float()) for k in want if want[k].is_floating_point())
-    checkpoints.build_inference_model(ck.cfg, ck.weights, NUM_CLASSES)  # strict: every key fits the architecture
+    want = torch.load(tmp_path / "expected1.pt", weights_only=True)
+    assert all(torch.equal(want[k], rebuilt[k]) for k in rebuilt)
+
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    shard = next((out1 / "zero").glob("*optim_states.pt"))
+    torch.save({"optimizer_state_dict": Payload()}, shard)
+    ckpt.write_manifest(out1, rank=0, world_size=1, writers=1)  # a consistent manifest: only the payload is wrong
+    with pytest.raises(ckpt.CheckpointError, match=rf"{shard.name} does not load with weights_only=True.*could run "
+                                                   "code"):
+        checkpoints.read_checkpoint(str(out1))
+    with pytest.raises(ckpt.CheckpointError, match="does not load with weights_only=True"):
+        checkpoints.deepspeed_weights(out1, zero_stage=3)
+    assert evaluate_job.main(["--checkpoint", str(out1)]) == 2
+    assert not marker.exists()
 
 
 # -- boxes and scoring as units -------------------------------------------------------------------------------------

@@ -7,7 +7,8 @@ import json
 import pytest
 
 from distributed.config import ConfigError, load_config
-from distributed.run_folder import MetricsLog, RunFolder
+from distributed.metrics import MetricsLog
+from distributed.run_folder import RunFolder
 from distributed.tracking import TRACKING_FILE, flat_params, metrics_log, mlflow_uri, open_run, tracked_run
 
 mlflow = pytest.importorskip("mlflow")  # the `tracking` extra (in `dev` too)
@@ -56,7 +57,7 @@ def test_run_is_opened_once_and_resumed_from_the_run_folder(tmp_path):
         pass
     saved = json.loads(run.read_text(TRACKING_FILE))
     assert saved["run_id"] == first.tracker.run_id and saved["uri"] == mlflow_uri(cfg.tracking)
-    metrics = metrics_log(cfg, run, resume_step=0)  # rank 0's log, attached to that run
+    metrics = metrics_log(cfg, run, attempt=0, resume_step=0)  # rank 0's log, attached to that run
     metrics.log({"kind": "train", "epoch": 0, "step": 2, "loss": 1.5, "lr": 0.1, "images_per_s": 10.0, "time": 1.0})
     metrics.close()
     again = open_run(_cfg(tmp_path, "run.stop_after_steps=5"), run)  # a changed setting does not fail the resume
@@ -80,8 +81,8 @@ def test_failed_training_marks_the_run_failed(tmp_path):
 def test_workers_refuse_to_track_without_the_drivers_run(tmp_path):
     cfg = _cfg(tmp_path)
     with pytest.raises(ConfigError, match="jobs.train"):
-        metrics_log(cfg, RunFolder(str(tmp_path / "runs/tracked")), resume_step=0)
-    untracked = metrics_log(_cfg(tmp_path, "tracking.backend=none"), RunFolder(str(tmp_path / "runs/plain")), 0)
+        metrics_log(cfg, RunFolder(str(tmp_path / "runs/tracked")), attempt=0, resume_step=0)
+    untracked = metrics_log(_cfg(tmp_path, "tracking.backend=none"), RunFolder(str(tmp_path / "runs/plain")), 0, 0)
     assert type(untracked) is MetricsLog  # without tracking, rank 0 keeps the plain log
     untracked.close()
 

@@ -1,5 +1,6 @@
-"""End-to-end training on a local Ray (127.0.0.1) with 2 CPU workers: DDP on S3, DeepSpeed ZeRO-2, exact
-resume, a SIGKILLed worker. Small images and few steps; each run takes 20-40 s on 2 cores."""
+"""End-to-end training on a local Ray (127.0.0.1) with 2 CPU workers: DDP on S3 with EMA, clipping and
+channels_last (and checkpoint retention by score), fp16 with torch.compile, DeepSpeed ZeRO-3 bf16 and ZeRO-1 resumed
+exactly, exact DDP resume, a SIGKILLed worker. Small images and few steps; each run takes 20-40 s on 2 cores."""
 from __future__ import annotations
 
 import json
@@ -15,9 +16,12 @@ import pytest
 import torch
 
 from distributed import checkpoint as ckpt
+from distributed.metrics import read_metrics
 from distributed.run_folder import RunFolder
 from distributed.trainer import fit
+from evaluation import checkpoints
 from evaluation.report import write_curves
+from jobs import evaluate as evaluate_job
 
 pytestmark = pytest.mark.slow
 
@@ -30,37 +34,97 @@ def load_final_state(run_uri: str, summary: dict, tmp_path) -> dict:
 
 
 def test_ddp_run_with_data_and_checkpoints_on_s3(ray_local, tiny_config, shards, s3_bucket, tmp_path):
+    """EMA (scoring the checkpoints), clipping and channels_last; Ray keeps one evaluated checkpoint (the best,
+    never replaced by a recovery one) and the latest; the tools find them among Ray's own files on S3."""
     fs = fsspec.filesystem("s3")
     fs.put(shards, f"{s3_bucket}/shards", recursive=True)
-    cfg = tiny_config(f"s3://{s3_bucket}/shards", f"s3://{s3_bucket}/runs", "ddp-s3")
+    cfg = tiny_config(f"s3://{s3_bucket}/shards", f"s3://{s3_bucket}/runs", "ddp-s3", "optim.ema_decay=0.99",
+                      "optim.ema_steps=1", "run.checkpoint_score=ema", "optim.grad_clip_norm=1.0",
+                      "model.channels_last=true", "run.num_to_keep=1")
     summary = fit(cfg)
     write_curves(summary["run_uri"])  # as jobs.train does after fit
     assert summary["epochs"] == 2 and summary["steps"] == 8 and summary["failures_survived"] == 0
     assert summary["world_size"] == 2 and summary["params"] > 6_000_000
     assert 0.0 <= summary["final_top1"] <= summary["final_top5"] <= 1.0
-    assert summary["checkpoint"] == f"s3://{s3_bucket}/runs/ddp-s3/checkpoint_0000000008"
-    run = RunFolder(f"s3://{s3_bucket}/runs/ddp-s3")
-    for name in ("config.yaml", "metrics.jsonl", "summary.json", "curves.png", "attempts.jsonl"):
+    assert 0.0 <= summary["final_ema_top1"] <= summary["final_ema_top5"] <= 1.0
+    run_uri = f"s3://{s3_bucket}/runs/ddp-s3"
+    assert summary["checkpoint"] == f"{run_uri}/checkpoint_0000000008"
+    run = RunFolder(run_uri)
+    for name in ("config.yaml", "metrics.jsonl", "summary.json", "curves.png", "attempts.jsonl",
+                 "checkpoint_manager_snapshot.json"):  # the last is Ray's own
         assert run.exists(name), name
     assert json.loads(run.read_text("summary.json")) == summary
     assert fs.glob(f"{s3_bucket}/runs/ddp-s3/tensorboard/events.out.tfevents.*")
-    evals = [r for r in run.read_jsonl("metrics.jsonl") if r["kind"] == "eval"]
+    evals = [r for r in read_metrics(run) if r["kind"] == "eval"]
     assert [r["epoch"] for r in evals] == [1, 2] and all(r["val_samples"] == 24 for r in evals)
+    assert all(r["score"] == r["val_ema_top1"] for r in evals)
+    # Retention: the best evaluated checkpoint (ties: the later) and the latest; recovery ones (2, 6) are gone.
+    best = max(evals, key=lambda r: (r["val_ema_top1"], r["step"]))
+    best_name = ckpt.checkpoint_dir_name(best["step"])
+    assert ckpt.list_checkpoints(run_uri) == sorted({best_name, "checkpoint_0000000008"}, reverse=True)
+    assert summary["best_checkpoint"] == f"{run_uri}/{best_name}" and summary["best_score"] == best["val_ema_top1"]
+    assert ckpt.select_checkpoint(run_uri) == summary["checkpoint"]
+    assert ckpt.select_checkpoint(run_uri, best=True) == summary["best_checkpoint"]
+    assert evaluate_job.main(["--checkpoint", run_uri, "--best", "--out", str(tmp_path)]) == 0
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["checkpoint"] == summary["best_checkpoint"] and results["weights"] == "ema"
     state = load_final_state(run.uri, summary, tmp_path)
     assert state["config"] == cfg.to_dict() and state["step"] == 8 and state["epoch"] == 2
-    assert set(state) >= {"model", "optimizer", "scheduler", "scaler", "ema", "rng", "batch", "best_top1"}
+    assert set(state) >= {"model", "optimizer", "scaler", "ema", "rng", "batch", "best_top1", "skipped_steps"}
+    assert len(state["rng"]) == 2 and "scheduler" not in state  # per-rank RNG; the lr is recomputed, not saved
 
 
-def test_deepspeed_zero2_bf16_run(ray_local, tiny_config, shards, tmp_path):
-    cfg = tiny_config(shards, str(tmp_path / "runs"), "zero2", "strategy.name=deepspeed", "strategy.zero_stage=2",
-                 "strategy.precision=bf16", "schedule.epochs=1")
+def test_fp16_with_torch_compile(ray_local, tiny_config, shards, tmp_path):
+    """fp16 on CPU (autocast + GradScaler + fused SGD) under torch.compile (aot_eager: graph capture without
+    code generation, which would take minutes on 2 cores): two steps and a checkpoint of the bare model."""
+    cfg = tiny_config(shards, str(tmp_path / "runs"), "fp16", "strategy.precision=fp16", "optim.name=sgd",
+                      "model.compile=true", "model.compile_backend=aot_eager", "schedule.epochs=1",
+                      "run.stop_after_steps=2")
+    fit(cfg)
+    state = ckpt.load_state(tmp_path / "runs" / "fp16" / "checkpoint_0000000002")
+    assert state["step"] == 2 and state["scaler"]["scale"] > 0 and state["optimizer"]["param_groups"][0]["fused"]
+    assert not [k for k in state["model"] if k.startswith(("_orig_mod.", "module."))]
+    trains = [r for r in read_metrics(str(tmp_path / "runs" / "fp16")) if r["kind"] == "train"]
+    assert trains and all(r["loss"] == r["loss"] for r in trains)  # not NaN
+
+
+def test_deepspeed_zero3_bf16_run(ray_local, tiny_config, shards, tmp_path):
+    """bf16 autocast over fp32 parameters and BatchNorm; jobs.evaluate reads the ZeRO-3 checkpoint."""
+    cfg = tiny_config(shards, str(tmp_path / "runs"), "zero3", "strategy.name=deepspeed", "strategy.zero_stage=3",
+                      "strategy.precision=bf16", "schedule.epochs=1")
     summary = fit(cfg)
     assert summary["steps"] == 4 and summary["strategy"] == "deepspeed"
-    directory = tmp_path / "runs" / "zero2" / "checkpoint_0000000004"
+    directory = tmp_path / "runs" / "zero3" / "checkpoint_0000000004"
     manifest = ckpt.verify_checkpoint(directory)
     assert manifest["writers"] == 2  # both ranks wrote their ZeRO shard and manifest
     assert sorted(p.name for p in (directory / "zero").glob("*optim_states.pt")) == [
-        "bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt", "bf16_zero_pp_rank_1_mp_rank_00_optim_states.pt"]
+        "zero_pp_rank_0_mp_rank_00_optim_states.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt"]
+    states = torch.load(directory / "zero" / "zero_pp_rank_0_mp_rank_00_model_states.pt", weights_only=True)
+    buffers = {k: v for k, v in states["module"].items() if "running" in k}
+    assert buffers and all(v.dtype == torch.float32 for v in buffers.values())  # BN statistics stay fp32
+    ck = checkpoints.read_checkpoint(str(tmp_path / "runs" / "zero3"))
+    assert ck.source == "deepspeed zero_to_fp32" and all(v.dtype == torch.float32 for v in ck.weights.values()
+                                                         if v.is_floating_point())
+    assert evaluate_job.main(["--checkpoint", str(directory), "--out", str(tmp_path / "eval")]) == 0
+
+
+def test_deepspeed_zero1_resumed_equals_uninterrupted_and_evaluate_agrees(ray_local, tiny_config, shards, tmp_path):
+    storage = str(tmp_path / "runs")
+    ds = ["strategy.name=deepspeed", "strategy.zero_stage=1", "run.deterministic=true", "schedule.epochs=1"]
+    full = fit(tiny_config(shards, storage, "ds-full", *ds))
+    assert fit(tiny_config(shards, storage, "ds-cut", *ds, "run.stop_after_steps=2"))["steps"] == 0
+    resumed = fit(tiny_config(shards, storage, "ds-cut", *ds))
+    assert resumed["started_from"] == "run:checkpoint_0000000002" and resumed["steps"] == 4
+    a, b = (checkpoints.read_checkpoint(s["checkpoint"]) for s in (full, resumed))
+    assert a.source == "deepspeed module" and a.weights.keys() == b.weights.keys()
+    for key in a.weights:  # both averaged BN statistics at steps 2 and 4: everything bit for bit
+        assert torch.equal(a.weights[key], b.weights[key]), key
+    # jobs.evaluate on the final checkpoint: the training loop's figure (same samples, preset, fp32).
+    out = tmp_path / "eval"
+    assert evaluate_job.main(["--checkpoint", full["checkpoint"], "--batch-size", "16", "--out", str(out)]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["centre"]["samples"] == 24 and results["centre"]["top1"] == full["final_top1"]
+    assert results["centre"]["top5"] == full["final_top5"]
 
 
 def test_interrupted_and_resumed_run_equals_uninterrupted(ray_local, tiny_config, shards, tmp_path):
@@ -74,15 +138,18 @@ def test_interrupted_and_resumed_run_equals_uninterrupted(ray_local, tiny_config
     assert resumed["started_from"].startswith("run:checkpoint_0000000005")
     assert resumed["steps"] == 8 and resumed["failures_survived"] == 0
     a, b = load_final_state("", full, tmp_path), load_final_state("", resumed, tmp_path)
-    for key in a["model"]:
-        assert torch.equal(a["model"][key], b["model"][key]), key
+    for key in a["model"]:  # parameters bit for bit; BN statistics were averaged at other steps (rounding only)
+        if "running" in key:
+            torch.testing.assert_close(a["model"][key], b["model"][key], rtol=1e-5, atol=1e-6)
+        else:
+            assert torch.equal(a["model"][key], b["model"][key]), key
     assert resumed["final_top1"] == full["final_top1"]
     # resume_from starts a new run from another run's checkpoint: same position, same end.
     forked = fit(tiny_config(shards, storage, "fork", *det,
                         f"resume_from={os.path.join(storage, 'full', 'checkpoint_0000000004')}"))
     assert forked["started_from"].startswith("resume_from=") and forked["steps"] == 8
     c = load_final_state("", forked, tmp_path)
-    assert all(torch.equal(a["model"][k], c["model"][k]) for k in a["model"])
+    assert all(torch.equal(a["model"][k], c["model"][k]) for k in a["model"])  # same steps averaged BN: exact
     # A finished run resubmitted under its name finishes at once instead of starting over.
     again = fit(tiny_config(shards, storage, "cut", *det))
     assert again["steps"] == 8 and again["started_from"].startswith("run:checkpoint_0000000008")
@@ -105,7 +172,7 @@ def test_worker_sigkilled_mid_epoch_twice_and_run_finishes(ray_local, tiny_confi
         for target_step in (3, 6):
             deadline = time.monotonic() + 120
             while time.monotonic() < deadline:
-                steps = [r["step"] for r in run.read_jsonl("metrics.jsonl") if r["kind"] == "train"] \
+                steps = [r["step"] for r in read_metrics(run) if r["kind"] == "train"] \
                     if run.fs.exists(run.path) else []
                 workers = _train_workers()
                 if steps and max(steps) >= target_step and len(workers) == 2:
