@@ -104,13 +104,25 @@ class MultiNodeCluster:
                     os.environ[k] = v
 
     def start(self) -> MultiNodeCluster:
-        from ray.cluster_utils import Cluster
-
+        """Start the head and the initial worker nodes. On a heavily loaded machine a node can miss one of Ray's
+        start-up timeouts (a raylet must register within 30 s): then everything is stopped and started once more."""
         _stay_on_loopback()
         _enable_token_auth()
+        try:
+            return self._start()
+        except Exception as e:  # noqa: BLE001 -- any start-up failure: clean up, one more try
+            print(f"multi-node cluster: start-up failed ({type(e).__name__}: {e}); starting it again. "
+                  f"Its logs:\n{self._log_tails()}", flush=True)
+            self.shutdown()
+            self.port = _free_port()
+            return self._start()
+
+    def _start(self) -> MultiNodeCluster:
+        from ray.cluster_utils import Cluster
+
         os.makedirs(os.path.join(self.temp_dir, "ray"), exist_ok=True)
         head = {"node_ip_address": "127.0.0.1", "gcs_server_port": self.port, "num_cpus": 0, "resources": {"head": 2},
-                "temp_dir": self.temp_dir,
+                "temp_dir": self.temp_dir, "dashboard_agent_listen_port": _free_port(),  # not Ray's default 52365
                 # The dashboard gives the State API Ray Train's PlacementGroupCleaner polls; loopback, a free port.
                 "include_dashboard": True, "dashboard_host": "127.0.0.1", "dashboard_port": _free_port()}
         with self._node_env():
@@ -118,6 +130,17 @@ class MultiNodeCluster:
         for name, cpus in self._initial.items():
             self.add_node(name, cpus)
         return self
+
+    def _log_tails(self, lines: int = 5) -> str:
+        """The last error lines of the session's logs (what a failed start-up left)."""
+        logs = Path(self.temp_dir) / "session_latest" / "logs"
+        tails = []
+        for path in sorted(logs.glob("*.out")) + sorted(logs.glob("*.log")) if logs.is_dir() else []:
+            text = [t[:300] for t in path.read_text(errors="replace").splitlines()
+                    if "Check failed" in t or " C " in t[:40] or " E " in t[:40] or "ERROR" in t[:40]]
+            if text:
+                tails.append(f"== {path.name}\n" + "\n".join(text[-lines:]))
+        return "\n".join(tails)
 
     @property
     def address(self) -> str:
