@@ -86,14 +86,9 @@ class Run:
     def complete_checkpoints(self) -> list[str]:
         import s3fs
 
-        from tests.multinode import checkpoint_uploaded
+        from tests.multinode import uploaded_checkpoints
 
-        fs = s3fs.S3FileSystem(skip_instance_cache=True)
-        try:
-            names = [p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(self.folder, detail=False)]
-        except FileNotFoundError:  # nothing written yet
-            return []
-        return sorted(n for n in names if n.startswith("checkpoint_") and checkpoint_uploaded(fs, f"{self.folder}/{n}"))
+        return uploaded_checkpoints(s3fs.S3FileSystem(skip_instance_cache=True), self.folder)
 
     def wait(self, ready, what: str, timeout: float = 900):
         deadline = time.monotonic() + timeout

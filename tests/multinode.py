@@ -297,6 +297,18 @@ def checkpoint_uploaded(fs, path: str) -> bool:
         return False
 
 
+def uploaded_checkpoints(fs, folder: str) -> list[str]:
+    """Names of the run folder's checkpoints whose files are all on storage (`checkpoint_uploaded`), oldest first."""
+    from distributed.resume import NAME
+
+    fs.invalidate_cache()
+    try:
+        names = sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(folder, detail=False))
+    except FileNotFoundError:  # nothing written yet (exists() and ls() disagree on S3 while the folder fills)
+        return []
+    return [n for n in names if NAME.fullmatch(n) and checkpoint_uploaded(fs, f"{folder}/{n}")]
+
+
 def reap(procs: list[psutil.Process], timeout: float = 30.0) -> list[str]:
     """Wait up to `timeout` for `procs` to exit; SIGKILL and name those still running."""
     _, alive = psutil.wait_procs(procs, timeout=timeout)

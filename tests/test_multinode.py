@@ -27,8 +27,8 @@ from distributed import checkpoint as ckpt
 from distributed.resume import checkpoint_step
 from distributed.run_folder import RunFolder
 from tests.conftest import tiny_overrides
-from tests.multinode import checkpoint_uploaded
-from tests.test_chaos import checkpoint_names, verifies, wait_gone
+from tests.multinode import uploaded_checkpoints
+from tests.test_chaos import verifies, wait_gone
 
 pytestmark = [pytest.mark.slow, pytest.mark.chaos]
 
@@ -73,8 +73,7 @@ class Job:
 
     def checkpoints(self) -> list[str]:
         """Checkpoints whose files are all on storage, oldest first."""
-        self.fs.invalidate_cache()
-        return [n for n in checkpoint_names(self.fs, self.folder) if checkpoint_uploaded(self.fs, f"{self.folder}/{n}")]
+        return uploaded_checkpoints(self.fs, self.folder)
 
     def wait_for(self, ready, what: str, timeout: float = RUN_BUDGET_S):
         """Poll `ready()` until it returns something truthy; fail if the driver exits first."""
@@ -97,7 +96,7 @@ class Job:
         """Wait for the driver; it must succeed. Returns the summary it printed last."""
         self.proc.wait(timeout=RUN_BUDGET_S)
         assert self.proc.returncode == 0, self.output()[-6000:]
-        return json.loads(self.output().strip().splitlines()[-1])
+        return json.loads([line for line in self.output().splitlines() if line.startswith("{")][-1])
 
     def attempts(self) -> list[dict]:
         return RunFolder(f"s3://{self.folder}").read_jsonl("attempts.jsonl")
