@@ -1,22 +1,39 @@
-"""Recovery cost at the demo scale: seconds from a worker kill to the first training step after resume, and the
-checkpoint save time as a fraction of a training step.
+"""Recovery cost per fault kind, on a real multi-node Ray cluster on 127.0.0.1 (tests/multinode.py): seconds from
+the fault to the first training step after it, steps lost, and the checkpoint overhead.
 
-    python -m benchmarks.recovery [--json] [--per-class 80] [--kill-after 4]
+    python -m benchmarks.recovery [--json] [--fault worker_kill|node_loss|node_drain|driver_kill|all]
+                                  [--per-class 80] [--epochs 3] [--checkpoint-every 4] [--fault-at-step 6]
+                                  [--drain-deadline 10]
 
-configs/demo.yaml (2 Ray workers on a local Ray on 127.0.0.1, its model, image size and batch) for one epoch of
-a small generated sample (5 classes x `--per-class` train images), a checkpoint every `--kill-after` steps and a
-metrics record per step. Once the checkpoint of step `--kill-after` is on storage, one RayTrainWorker process
-gets SIGKILL; Ray Train restarts the workers, they restore that checkpoint and go on. From the metrics
-(wall-clock "time" per step, "checkpoint" records with save_s) and attempts.jsonl:
+The cluster: a head (the driver) and two worker nodes of 2 CPUs each, shards and checkpoints on a moto S3
+server on 127.0.0.1. The job: `python -m jobs.train --config configs/demo.yaml` (se_googlenet, DDP, 2 workers of
+1 CPU, 64 px, batch 16 per worker) on a generated 5-class sample (5 x `--per-class` train images: 12 steps per
+epoch at 80), a checkpoint every `--checkpoint-every` steps, a metrics record per step. Once rank 0 has printed
+step `--fault-at-step` (halfway between two checkpoints by default) and the checkpoint before it is on storage,
+the fault:
 
-- recovery_s: kill -> end of the first training step after the resume (one step_s of it is that step);
-  kill_to_restored_s: kill -> the new workers have restored the checkpoint (Ray's failure detection, the
-  worker group restart, process start-up, imports, model build and the checkpoint download and load);
-- checkpoint_save_s: median of the reports' save times (local save, manifest, copy to storage, report barrier);
-  step_s: median time of a plain training step; checkpoint_fraction = checkpoint_save_s / step_s, and
-  per_step_overhead = checkpoint_fraction / checkpoint_every_steps.
+- worker_kill: one training worker process SIGKILLed;
+- node_loss: the node running the workers vanishes (its raylet and all its processes SIGKILLed);
+- node_drain: that node drained (`ray drain-node --reason DRAIN_NODE_REASON_PREEMPTION`) with a deadline of
+  `--drain-deadline` s; the provider removes it at the deadline if it is still there;
+- driver_kill: the driver SIGKILLed (the nodes live), and the same command started again as soon as it is gone.
 
-About 2 minutes on 2 CPU cores. The last line is one JSON object.
+Per kind, from the run folder (metrics.jsonl: wall-clock "time" per step, "checkpoint" records with save_s;
+attempts.jsonl) and the driver's output (rank 0 prints every step and where each attempt starts):
+- recovery_s: fault -> end of the first training step of the attempt that restored a checkpoint after it;
+  fault_to_restored_s: fault -> that attempt has restored its checkpoint;
+- steps_lost: steps trained before the restart minus the restored step (redone after it);
+- counted_as: how Ray Train's FailurePolicy charged the restart ("worker group" = run.max_failures,
+  "preemption" = FailureConfig.max_preemption_failures; none for a resubmitted driver);
+- node_drain also: drain_to_checkpoint_s (drain accepted -> the next checkpoint complete on storage);
+- checkpoint_save_s: median of the reports' save times (local save, manifest, upload, report barrier);
+  step_s: median plain training step; checkpoint_fraction = checkpoint_save_s / step_s; per_step_overhead =
+  checkpoint_fraction / checkpoint_every.
+
+One cluster start for all kinds; each kind is a fresh run on the initial shape. On the 2-core sandbox at load
+averages of 3-15 (other jobs running): 4 minutes for one kind with `--epochs 2`, 28 minutes for `--fault all`.
+The last line is one JSON object, with the load average it ran under; a kind that fails is reported with its
+error, and the exit status is then 1.
 """
 from __future__ import annotations
 
@@ -24,119 +41,211 @@ import argparse
 import json
 import os
 import platform
+import re
 import signal
 import statistics
+import sys
 import tempfile
 import threading
 import time
 
-import psutil
-
+FAULTS = ["worker_kill", "node_loss", "node_drain", "driver_kill"]
 CONFIG = "configs/demo.yaml"
+WORKERS = {"node_a": 2, "node_b": 2}
+START = re.compile(r"rank 0: .* start at epoch \d+ batch \d+ \(step (\d+), from (\S+)\)")
+STEP = re.compile(r"epoch \d+/\d+ step (\d+)/\d+ loss")
+POLICY = re.compile(r"\[FailurePolicy\] (\w+)\s.*?Source: ([\w ]+?)\s*$", re.S | re.M)
 
 
-def session_train_workers() -> list[psutil.Process]:
-    """RayTrainWorker processes of this process's Ray (children of its raylet)."""
-    import ray
+class Run:
+    """One training run of the benchmark on the cluster: its driver(s), run folder and checkpoints."""
 
-    raylet = psutil.Process(ray._private.worker._global_node.all_processes["raylet"][0].process.pid)
-    found = []
-    for p in raylet.children():
-        try:
-            if "RayTrainWorker" in " ".join(p.cmdline()):
-                found.append(p)
-        except psutil.Error:
-            continue
-    return found
+    def __init__(self, cluster, bucket: str, kind: str, args, logs: str):
+        self.cluster, self.kind, self.logs = cluster, kind, logs
+        self.folder = f"{bucket}/runs/{kind}"
+        self.overrides = [f"data.url=s3://{bucket}/shards", f"run.storage_path=s3://{bucket}/runs", f"run.name={kind}",
+                          f"schedule.epochs={args.epochs}", "schedule.warmup_epochs=0.2",
+                          f"run.checkpoint_every_steps={args.checkpoint_every}", "run.log_every_steps=1",
+                          "run.max_failures=1"]
+        self.argv = ["-m", "jobs.train", "--config", CONFIG, *[a for o in self.overrides for a in ("--set", o)]]
+        self.drivers = []
+
+    def start(self):
+        log = os.path.join(self.logs, f"{self.kind}-{len(self.drivers)}.log")
+        # Ray Train's default drain poll (5 s) kept: the figures are what a default job sees.
+        self.drivers.append((self.cluster.start_driver(self.argv, log), log))
+        return self
+
+    @property
+    def driver(self):
+        return self.drivers[-1][0]
+
+    def output(self) -> str:
+        return "".join(open(log).read() for _, log in self.drivers)
+
+    def complete_checkpoints(self) -> list[str]:
+        import s3fs
+
+        from tests.multinode import uploaded_checkpoints
+
+        return uploaded_checkpoints(s3fs.S3FileSystem(skip_instance_cache=True), self.folder)
+
+    def wait(self, ready, what: str, timeout: float = 900):
+        deadline = time.monotonic() + timeout
+        while not (value := ready()):
+            if self.driver.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"{self.kind}: no {what} (driver exit {self.driver.poll()}):\n"
+                                   f"{self.output()[-3000:]}")
+            time.sleep(0.05)
+        return value
 
 
-def kill_a_worker_after(checkpoint_dir: str, killed: dict, timeout: float = 600) -> None:
-    """SIGKILL one training worker as soon as `checkpoint_dir` is complete on storage (its manifest is there)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        workers = session_train_workers()
-        if os.path.exists(os.path.join(checkpoint_dir, "manifest.rank0.json")) and len(workers) >= 2:
-            victim = workers[-1]
-            killed["time"] = time.time()
-            victim.send_signal(signal.SIGKILL)
-            killed["pid"] = victim.pid
-            return
-        time.sleep(0.02)
+def inject(run: Run, args) -> dict:
+    """Wait for step `fault_at_step` and the checkpoint before it on storage, then cause `run.kind`'s fault."""
+    from distributed.checkpoint import checkpoint_dir_name
+
+    cluster = run.cluster
+    target = checkpoint_dir_name((args.fault_at_step - 1) // args.checkpoint_every * args.checkpoint_every)
+    run.wait(lambda: max(map(int, STEP.findall(run.output())), default=0) >= args.fault_at_step
+             and target in run.complete_checkpoints() and cluster.nodes_with_train_workers(),
+             f"step {args.fault_at_step}")
+    node = cluster.nodes_with_train_workers()[0]
+    if run.kind == "worker_kill":
+        victim = cluster.train_workers(node)[-1]
+        fault = time.time()
+        victim.send_signal(signal.SIGKILL)
+        return {"time": fault}
+    if run.kind == "node_loss":
+        return {"time": cluster.remove_node(node)}
+    if run.kind == "node_drain":
+        return drain(run, node, args.drain_deadline)
+    fault = time.time()
+    os.killpg(run.driver.pid, signal.SIGKILL)
+    run.driver.wait(timeout=30)
+    run.start()  # the resubmission, as soon as the old driver is gone
+    return {"time": fault, "resubmitted_after_s": round(time.time() - fault, 2)}
 
 
-def measure(run_dir: str, killed: dict, every: int) -> dict:
+def drain(run: Run, node: str, deadline_s: int) -> dict:
+    before = set(run.complete_checkpoints())
+    accepted = run.cluster.drain(node, deadline_s)
+
+    def provider():  # the cloud ends the instance at the deadline (Ray does not end a busy drained node)
+        time.sleep(max(0.0, accepted + deadline_s - time.time()))
+        if node in run.cluster.nodes:
+            run.cluster.remove_node(node)
+
+    thread = threading.Thread(target=provider, daemon=True)
+    thread.start()
+    saved = None
+    while run.driver.poll() is None and time.time() < accepted + deadline_s:
+        if set(run.complete_checkpoints()) - before:
+            saved = time.time()
+            break
+        time.sleep(0.05)
+    return {"time": accepted, "provider": thread, "deadline_s": deadline_s,
+            "drain_to_checkpoint_s": round(saved - accepted, 2) if saved else None}
+
+
+def measure(run: Run, fault: dict, every: int) -> dict:
     from distributed.metrics import read_metrics
     from distributed.run_folder import RunFolder
 
-    run = RunFolder(run_dir)
-    records = read_metrics(run)
-    attempts = run.read_jsonl("attempts.jsonl")
-    trains = sorted((r for r in records if r["kind"] == "train"), key=lambda r: r["step"])
+    folder = RunFolder(f"s3://{run.folder}")
+    records, attempts = read_metrics(folder), folder.read_jsonl("attempts.jsonl")
+    trains = sorted((r for r in records if r["kind"] == "train"), key=lambda r: r["time"])
     saves = [r["save_s"] for r in records if r["kind"] == "checkpoint"]
-    after = [r for r in trains if r["time"] > killed["time"]]
-    resumed = attempts[-1]
-    # Plain steps: consecutive records of one attempt with no checkpoint or evaluation between them.
+    resumed = next((a for a in attempts if a["time"] > fault["time"]), None)
+    out = run.output()
+    starts = [m.start() for m in START.finditer(out)]
+    before = [int(s) for s in STEP.findall(out[:starts[1]])] if len(starts) > 1 else []
     steps = [b["time"] - a["time"] for a, b in zip(trains, trains[1:])
              if b["step"] == a["step"] + 1 and a["step"] % every and b["epoch"] == a["epoch"]
-             and not a["time"] < killed["time"] < b["time"] and b["step"] != resumed["restored_step"] + 1]
-    step_s = statistics.median(steps)
-    save_s = statistics.median(saves)
-    return {"restored_step": resumed["restored_step"], "restored_from": resumed["restored_from"],
-            "recovery_s": round(after[0]["time"] - killed["time"], 2),
-            "kill_to_restored_s": round(resumed["time"] - killed["time"], 2),
-            "first_step_after_resume": after[0]["step"],
-            "step_s": round(step_s, 3), "checkpoint_save_s": round(save_s, 3),
-            "checkpoint_saves": len(saves), "checkpoint_fraction": round(save_s / step_s, 3),
-            "per_step_overhead": round(save_s / step_s / every, 4),
-            "failures_survived": len(attempts) - 1}
+             and not a["time"] < fault["time"] < b["time"]
+             and (not resumed or b["step"] != resumed["restored_step"] + 1)]
+    step_s, save_s = statistics.median(steps), statistics.median(saves)
+    policies = [(d, src) for d, src in POLICY.findall(out)]
+    result = {"restarts": len(attempts) - 1, "counted_as": policies[0][1] if policies else None,
+              "step_s": round(step_s, 3), "checkpoint_save_s": round(save_s, 3), "checkpoint_saves": len(saves),
+              "checkpoint_fraction": round(save_s / step_s, 3), "per_step_overhead": round(save_s / step_s / every, 4),
+              **{k: v for k, v in fault.items() if k != "time"}}
+    if resumed is None:  # e.g. a drain whose run ended before its deadline
+        return {**result, "recovery_s": None, "steps_lost": 0}
+    first = next(r for r in trains if r["time"] > resumed["time"])
+    return {**result, "restored_step": resumed["restored_step"], "restored_from": resumed["restored_from"],
+            "recovery_s": round(first["time"] - fault["time"], 2),
+            "fault_to_restored_s": round(resumed["time"] - fault["time"], 2),
+            "steps_lost": max(before, default=resumed["restored_step"]) - resumed["restored_step"]}
+
+
+def run_kind(cluster, bucket: str, kind: str, args, logs: str) -> dict:
+    cluster.reset()
+    run = Run(cluster, bucket, kind, args, logs).start()
+    fault = inject(run, args)
+    run.driver.wait(timeout=1800)
+    if "provider" in fault:  # before the next kind re-adds a node of the same name
+        fault.pop("provider").join()
+    if run.driver.returncode != 0:
+        raise RuntimeError(f"{kind}: the run failed:\n{run.output()[-4000:]}")
+    summary = json.loads([line for line in run.output().splitlines() if line.startswith("{")][-1])
+    return {"steps": summary["steps"], **measure(run, fault, args.checkpoint_every)}
+
+
+def prepare(tmp: str, per_class: int) -> str:
+    """The sample's shards in a new bucket on the S3 server; returns the bucket."""
+    import s3fs
+
+    from data import make_sample, prepare_dataset
+
+    make_sample(f"{tmp}/raw", classes=5, per_class=per_class, val_per_class=8, test=0, seed=0)
+    prepare_dataset(f"{tmp}/raw", f"{tmp}/shards", shard_size=100, splits=["train", "val"], log=lambda s: None)
+    fs = s3fs.S3FileSystem(skip_instance_cache=True)
+    fs.mkdir("recovery")
+    fs.put(f"{tmp}/shards", "recovery/shards", recursive=True)
+    return "recovery"
 
 
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--fault", choices=[*FAULTS, "all"], default="worker_kill")
     p.add_argument("--per-class", type=int, default=80, help="train images per class (5 classes)")
-    p.add_argument("--kill-after", type=int, default=4, help="checkpoint interval; kill once this step's is saved")
+    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--checkpoint-every", type=int, default=4, help="run.checkpoint_every_steps")
+    p.add_argument("--fault-at-step", type=int, default=6, help="the fault once rank 0 has printed this step")
+    p.add_argument("--drain-deadline", type=int, default=10, help="seconds from the drain to the node's end")
     p.add_argument("--json", action="store_true", help="print only the JSON result (and Ray's own log lines)")
     args = p.parse_args(argv)
     import ray
     import torch
 
-    from data import make_sample, prepare_dataset
-    from distributed.checkpoint import checkpoint_dir_name
-    from distributed.cluster import init_ray
-    from distributed.config import load_config
-    from distributed.trainer import fit
+    from tests.conftest import s3_environment
+    from tests.multinode import MultiNodeCluster
 
-    start = time.time()
-    with tempfile.TemporaryDirectory(prefix="recovery-") as tmp:
-        make_sample(f"{tmp}/raw", classes=5, per_class=args.per_class, val_per_class=8, test=0, seed=0)
-        prepare_dataset(f"{tmp}/raw", f"{tmp}/shards", shard_size=100, splits=["train", "val"], log=lambda s: None)
-        overrides = [f"data.url={tmp}/shards", f"run.storage_path={tmp}/runs", "run.name=recovery",
-                     "schedule.epochs=1", "schedule.warmup_epochs=0.2", f"run.checkpoint_every_steps={args.kill_after}",
-                     "run.log_every_steps=1", "run.max_failures=1"]
-        cfg = load_config(CONFIG, overrides)
-        init_ray(cfg.run.address)
-        killed: dict = {}
-        killer = threading.Thread(target=kill_a_worker_after, daemon=True, args=(
-            f"{tmp}/runs/recovery/{checkpoint_dir_name(args.kill_after)}", killed))
-        killer.start()
-        summary = fit(cfg)
-        killer.join(timeout=5)
-        if "time" not in killed:
-            raise RuntimeError("the run ended before a worker could be killed; lower --kill-after")
-        result = measure(f"{tmp}/runs/recovery", killed, args.kill_after)
-        ray.shutdown()  # so no log line of Ray's comes after the JSON
-    out = {"benchmark": "recovery", "config": CONFIG, "overrides": overrides[3:], "model": cfg.model.name,
-           "strategy": cfg.strategy.name, "world_size": cfg.run.num_workers, "image_size": cfg.data.image_size,
-           "batch_size": cfg.data.batch_size, "steps": summary["steps"], "checkpoint_every_steps": args.kill_after,
-           **result, "cpu": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
-           "torch": torch.__version__, "ray": ray.__version__, "wall_s": round(time.time() - start, 1)}
-    if not args.json:
-        print(f"worker SIGKILLed after the step-{args.kill_after} checkpoint: first step after resume "
-              f"{out['recovery_s']} s later (restored {out['kill_to_restored_s']} s after the kill); checkpoint save "
-              f"{out['checkpoint_save_s']} s = {out['checkpoint_fraction']} steps of {out['step_s']} s", flush=True)
+    start, load = time.time(), os.getloadavg()
+    kinds = FAULTS if args.fault == "all" else [args.fault]
+    results = {}
+    with s3_environment(), tempfile.TemporaryDirectory(prefix="recovery-") as tmp:
+        bucket = prepare(tmp, args.per_class)
+        cluster = MultiNodeCluster(WORKERS).start()
+        try:
+            for kind in kinds:
+                try:
+                    results[kind] = run_kind(cluster, bucket, kind, args, tmp)
+                except Exception as e:  # noqa: BLE001 -- report it with the other kinds' figures
+                    results[kind] = {"error": f"{type(e).__name__}: {str(e)[-2000:]}"}
+                print(f"{kind}: {json.dumps(results[kind])}", flush=True, file=sys.stderr if args.json else sys.stdout)
+        finally:
+            left = cluster.shutdown()
+    out = {"benchmark": "recovery", "config": CONFIG, "cluster": {"head_cpus": 0, "workers": WORKERS},
+           "model": "se_googlenet", "world_size": 2, "epochs": args.epochs,
+           "checkpoint_every_steps": args.checkpoint_every, "fault_at_step": args.fault_at_step,
+           "results": results, "left_behind": left, "load_avg_at_start": [round(x, 2) for x in load],
+           "load_avg_at_end": [round(x, 2) for x in os.getloadavg()], "cpu": platform.processor() or platform.machine(),
+           "cpus": os.cpu_count(), "torch": torch.__version__, "ray": ray.__version__,
+           "wall_s": round(time.time() - start, 1)}
     print(json.dumps(out), flush=True)
     return out
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(1 if any("error" in r for r in main()["results"].values()) else 0)

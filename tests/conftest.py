@@ -247,3 +247,32 @@ def _time_limit(seconds: float, what: str):
 def time_limit():
     """`with time_limit(120, "the run"):` raises TimeoutError in the test's thread past the limit (SIGALRM)."""
     return _time_limit
+
+
+# -- a multi-node Ray cluster on 127.0.0.1: a head and two worker nodes (tests/multinode.py) -----------------------
+
+MULTINODE_WORKERS = {"node_a": 2, "node_b": 2}  # CPUs per worker node: a 2-rank run fits on either node alone
+
+
+@pytest.fixture(scope="module")
+def multinode_cluster(s3_server):
+    """One cluster per test module, shared by its tests; started after the S3 server, whose endpoint and keys its
+    nodes inherit. Stops only its own processes and fails the module if any outlives it."""
+    from tests.multinode import MultiNodeCluster
+
+    cluster = MultiNodeCluster(MULTINODE_WORKERS).start()
+    try:
+        yield cluster
+    finally:
+        left = cluster.shutdown()
+    assert not left, f"processes of the multi-node cluster outlived it: {left}"
+
+
+@pytest.fixture
+def multinode(multinode_cluster):
+    """The module's cluster as a test expects it: the MULTINODE_WORKERS nodes alive, none draining. After the test,
+    no training worker may be left on any node (Ray Train ends them when a run ends, even a run whose driver died)."""
+    multinode_cluster.reset()
+    yield multinode_cluster
+    left = multinode_cluster.wait_no_train_workers(timeout=60)
+    assert not left, f"training worker processes outlived the test: {left}"

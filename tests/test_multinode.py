@@ -1,0 +1,157 @@
+"""Node-level faults on a real multi-node Ray cluster on 127.0.0.1 (tests/multinode.py), with the current loop.
+
+A head (drivers, Ray Train's controller) and two worker nodes of 2 CPUs each; data and checkpoints on the S3
+server on 127.0.0.1. Each test runs `python -m jobs.train` as a driver on the head, with the tiny config of
+tests/conftest.py, and injects one fault once the epoch-1 checkpoint (step 4) is on storage:
+
+- the node running the training workers vanishes (raylet and all its processes SIGKILLed);
+- that node is drained with a deadline (`ray drain-node --reason DRAIN_NODE_REASON_PREEMPTION`), and the provider
+  takes it away once the run has saved its checkpoint on notice;
+- the driver is SIGKILLed while the worker nodes live, and the job is submitted again.
+
+docs/fault_tolerance.md ("Node-level faults") says what Ray Train 2.60 does in each case and why.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import time
+import uuid
+
+import pytest
+import s3fs
+
+from distributed import checkpoint as ckpt
+from distributed.resume import checkpoint_step
+from distributed.run_folder import RunFolder
+from tests.conftest import tiny_overrides
+from tests.multinode import uploaded_checkpoints
+from tests.test_chaos import verifies, wait_gone
+
+pytestmark = [pytest.mark.slow, pytest.mark.chaos]
+
+RUN_BUDGET_S = 480  # a hang guard for one driver run (about a minute on an idle 2-core machine), not a speed test
+STEPS_PER_EPOCH = 4  # tiny config: 35 samples per rank at batch 8
+# Ray Train polls Ray Core's drain state every 5 s by default; 1 s keeps the tiny run from ending before it looks.
+DRIVER_ENV = {"RAY_TRAIN_PREEMPTION_POLL_INTERVAL_S": "1"}
+NOTICE = re.compile(r"rank 0: Ray is draining a node of this run; checkpoint at step (\d+)")  # distributed/loop.py
+
+
+@pytest.fixture(scope="module")
+def bucket(multinode_cluster, shards):
+    """A bucket holding the tiny shards; each test's run folder goes under runs/ there."""
+    s3fs.S3FileSystem.clear_instance_cache()
+    fs = s3fs.S3FileSystem()
+    name = f"multinode-{uuid.uuid4().hex[:8]}"
+    fs.mkdir(name)
+    fs.put(shards, f"{name}/shards", recursive=True)
+    return name
+
+
+class Job:
+    """One run of `python -m jobs.train` on the cluster, and what it left in its run folder on S3."""
+
+    def __init__(self, cluster, bucket: str, name: str, tmp_path, *overrides: str):
+        self.cluster, self.tmp_path, self.name = cluster, tmp_path, name
+        self.folder = f"{bucket}/runs/{name}"
+        cfg = tiny_overrides(f"s3://{bucket}/shards", f"s3://{bucket}/runs", name, *overrides)
+        self.argv = ["-m", "jobs.train", "--config", "configs/demo.yaml", *[a for o in cfg for a in ("--set", o)]]
+        self.fs = s3fs.S3FileSystem(skip_instance_cache=True)
+        self.launches = 0
+        self.proc = None
+
+    def start(self):
+        self.launches += 1
+        self.log = self.tmp_path / f"{self.name}-{self.launches}.log"
+        self.proc = self.cluster.start_driver(self.argv, self.log, **DRIVER_ENV)
+        return self
+
+    def output(self) -> str:
+        return self.log.read_text()
+
+    def checkpoints(self) -> list[str]:
+        """Checkpoints whose files are all on storage, oldest first."""
+        return uploaded_checkpoints(self.fs, self.folder)
+
+    def wait_for(self, ready, what: str, timeout: float = RUN_BUDGET_S):
+        """Poll `ready()` until it returns something truthy; fail if the driver exits first."""
+        deadline = time.monotonic() + timeout
+        while not (value := ready()):
+            assert self.proc.poll() is None, f"the driver exited {self.proc.returncode} before {what}:\n" \
+                                             f"{self.output()[-4000:]}"
+            assert time.monotonic() < deadline, f"no {what} within {timeout} s:\n{self.output()[-4000:]}"
+            time.sleep(0.1)
+        return value
+
+    def training_node(self) -> str:
+        """Once the epoch-1 checkpoint is on storage: the worker node both ranks run on (Ray Train packs them)."""
+        self.wait_for(lambda: ckpt.checkpoint_dir_name(STEPS_PER_EPOCH) in self.checkpoints(), "epoch-1 checkpoint")
+        nodes = self.wait_for(self.cluster.nodes_with_train_workers, "training workers")
+        assert len(nodes) == 1 and len(self.cluster.train_workers(nodes[0])) == 2, nodes
+        return nodes[0]
+
+    def finish(self) -> dict:
+        """Wait for the driver; it must succeed. Returns the summary it printed last."""
+        self.proc.wait(timeout=RUN_BUDGET_S)
+        assert self.proc.returncode == 0, self.output()[-6000:]
+        return json.loads([line for line in self.output().splitlines() if line.startswith("{")][-1])
+
+    def attempts(self) -> list[dict]:
+        return RunFolder(f"s3://{self.folder}").read_jsonl("attempts.jsonl")
+
+
+def test_node_lost_mid_run_restarts_on_the_other_node(multinode, bucket, tmp_path):
+    """No warning: a failure, counted against run.max_failures; the run goes on from its newest checkpoint."""
+    job = Job(multinode, bucket, "node-lost", tmp_path, "schedule.epochs=3", "run.checkpoint_every_steps=100",
+              "run.max_failures=1").start()
+    lost = job.training_node()
+    newest = job.checkpoints()[-1]
+    multinode.remove_node(lost)
+    summary = job.finish()
+    assert summary["failures_survived"] == 1 and summary["steps"] == 3 * STEPS_PER_EPOCH, summary
+    attempts = job.attempts()
+    assert [a["restored_from"] for a in attempts] == ["scratch", f"run:{newest}"], attempts
+    assert "Source: worker group" in job.output()  # Ray Train's FailurePolicy: a failure, not a preemption
+
+
+def test_drained_node_saves_a_checkpoint_and_restarts_as_a_preemption(multinode, bucket, tmp_path):
+    """A spot reclaim: drained with a deadline, then taken away. run.max_failures=0, yet the run finishes: Ray Train
+    charges the restart to FailureConfig.max_preemption_failures (default unlimited), not to max_failures."""
+    job = Job(multinode, bucket, "drained", tmp_path, "schedule.epochs=5", "run.checkpoint_every_steps=100",
+              "run.max_failures=0").start()
+    drained = job.training_node()
+    multinode.drain(drained, deadline_s=120)  # a spot reclaim notice gives 2 minutes
+    notice = job.wait_for(lambda: NOTICE.search(job.output()), "the loop's checkpoint on the drain notice")
+    step = int(notice.group(1))
+    on_notice = job.wait_for(lambda: [n for n in job.checkpoints() if checkpoint_step(n) == step],
+                             f"the step-{step} checkpoint on storage")[0]
+    newest = job.checkpoints()[-1]
+    multinode.remove_node(drained)  # the provider ends the instance; everything since `newest` is lost
+    summary = job.finish()
+    assert summary["steps"] == 5 * STEPS_PER_EPOCH and summary["epochs"] == 5, summary
+    attempts = job.attempts()
+    assert [a["restored_from"] for a in attempts] == ["scratch", f"run:{newest}"], attempts
+    assert checkpoint_step(newest) >= step > STEPS_PER_EPOCH
+    assert "Source: preemption" in job.output()  # Ray Train's FailurePolicy: charged to max_preemption_failures
+    assert verifies(job.fs, f"{job.folder}/{on_notice}", tmp_path)
+
+
+def test_driver_killed_while_worker_nodes_live_then_resubmitted_resumes(multinode, bucket, tmp_path):
+    """The head's driver dies (its process only): Ray ends the run's workers, the nodes stay; the same command
+    submitted again resumes from the newest checkpoint on storage."""
+    job = Job(multinode, bucket, "driver-killed", tmp_path, "schedule.epochs=3", "run.checkpoint_every_steps=2",
+              "run.max_failures=0").start()
+    node = job.training_node()
+    workers = [p.pid for p in multinode.train_workers(node)]
+    os.killpg(job.proc.pid, signal.SIGKILL)
+    job.proc.wait(timeout=10)
+    assert not wait_gone(workers, timeout=60), "training workers outlived their driver"
+    assert all(multinode.node_alive(n) for n in multinode.nodes)
+    newest = [n for n in job.checkpoints() if verifies(job.fs, f"{job.folder}/{n}", tmp_path)][-1]
+    summary = job.start().finish()
+    assert summary["started_from"] == f"run:{newest}" and checkpoint_step(newest) >= STEPS_PER_EPOCH, summary
+    assert summary["steps"] == 3 * STEPS_PER_EPOCH and summary["failures_survived"] == 0, summary
+    launches = list(dict.fromkeys(a["launch_id"] for a in job.attempts()))
+    assert len(launches) == 2
