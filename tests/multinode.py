@@ -299,7 +299,7 @@ def checkpoint_uploaded(fs, path: str) -> bool:
 
 def uploaded_checkpoints(fs, folder: str) -> list[str]:
     """Names of the run folder's checkpoints whose files are all on storage (`checkpoint_uploaded`), oldest first."""
-    from distributed.resume import NAME
+    from distributed.checkpoint import NAME
 
     fs.invalidate_cache()
     try:
