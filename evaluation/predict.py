@@ -12,6 +12,7 @@ from torch import nn
 
 from data import read_index
 from data.decode import CorruptImageError, decode_rgb
+from data.layout import CSV_HEADER
 from data.shards import ShardFormatError
 from data.reader import iter_raw_samples
 from data.transforms import eval_transform, normalize
@@ -135,7 +136,7 @@ def write_submission(records: list[dict], out: str, classes: list[str], label_fo
         raise ValueError(f"label_format={label_format!r}; valid: 'id', 'wnid'")
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(["ImageId", "PredictionString"])
+    writer.writerow(CSV_HEADER)
     for r in records:
         writer.writerow([r["key"], prediction_string(r, classes, label_format)])
     with fsspec.open(out, "w") as f:

@@ -18,7 +18,7 @@ import json
 import sys
 
 from distributed.checkpoint import CheckpointError
-from evaluation.checkpoints import WEIGHTS, read_checkpoint
+from evaluation.checkpoints import add_checkpoint_arguments, checkpoint_from_args
 from evaluation.classify import evaluate_checkpoint
 from distributed.run_folder import join
 from evaluation.frontier import frontier_chart, our_point
@@ -28,17 +28,13 @@ from evaluation.report import FRONTIER_CHART, default_results_dir, results_markd
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m jobs.evaluate", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", required=True, help="checkpoint directory or run folder (any fsspec URL)")
-    p.add_argument("--best", action="store_true", help="a run folder's best evaluated checkpoint, not its newest")
+    add_checkpoint_arguments(p)
     p.add_argument("--data", help="shards URL (default: the run config's data.url)")
     p.add_argument("--split", default="val", help="a labelled split (default: val)")
     p.add_argument("--ten-crop", action="store_true", help="also evaluate 10 crops (TenCrop), softmax averaged")
     p.add_argument("--batch-size", type=int, default=64, help="images per batch (x10 crops with --ten-crop)")
     p.add_argument("--loader-workers", type=int, default=0, help="DataLoader worker processes")
     p.add_argument("--image-size", type=int, help="crop size (default: the run config's data.image_size)")
-    p.add_argument("--weights", choices=WEIGHTS, default="scored",
-                   help="scored (default: those that scored the checkpoint), raw, or ema (runs with optim.ema_decay)")
-    p.add_argument("--ema", action="store_const", const="ema", dest="weights", help="same as --weights ema")
     p.add_argument("--out", help="directory for results.md / results.json (any fsspec URL)")
     args = p.parse_args(argv)
     if args.batch_size < 1 or args.loader_workers < 0 or (args.image_size is not None and args.image_size < 1):
@@ -49,7 +45,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        ck = read_checkpoint(args.checkpoint, weights=args.weights, best=args.best)
+        ck = checkpoint_from_args(args)
     except CheckpointError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -22,9 +22,10 @@ import sys
 import fsspec
 
 from data import read_index
+from data.layout import EXAMPLES
 from distributed.checkpoint import CheckpointError
 from distributed.cluster import init_ray
-from evaluation.checkpoints import WEIGHTS, read_checkpoint
+from evaluation.checkpoints import add_checkpoint_arguments, checkpoint_from_args
 from evaluation.localize import CAM_THRESHOLD
 from evaluation.predict import prediction_summary, run_predictions, write_submission
 
@@ -32,8 +33,7 @@ from evaluation.predict import prediction_summary, run_predictions, write_submis
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m jobs.predict", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", required=True, help="checkpoint directory or run folder (any fsspec URL)")
-    p.add_argument("--best", action="store_true", help="a run folder's best evaluated checkpoint, not its newest")
+    add_checkpoint_arguments(p)
     p.add_argument("--split", required=True, choices=("test", "val"))
     p.add_argument("--out", required=True, help="submission CSV (any fsspec URL)")
     p.add_argument("--label-format", choices=("id", "wnid"), default="id",
@@ -47,9 +47,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--gpu", action="store_true", help="one GPU per Ray task (--workers > 1; in-process: "
                    "a GPU is used whenever one is visible)")
     p.add_argument("--address", help="Ray address for --workers > 1 (default: $RAY_ADDRESS, else a local Ray)")
-    p.add_argument("--weights", choices=WEIGHTS, default="scored",
-                   help="scored (default: those that scored the checkpoint), raw, or ema (runs with optim.ema_decay)")
-    p.add_argument("--ema", action="store_const", const="ema", dest="weights", help="same as --weights ema")
     args = p.parse_args(argv)
     if args.workers < 1 or args.batch_size < 1 or not 0 < args.cam_threshold < 1:
         p.error("--workers and --batch-size must be >= 1 and --cam-threshold in (0, 1)")
@@ -63,7 +60,7 @@ def sidecar_url(out: str) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        ck = read_checkpoint(args.checkpoint, weights=args.weights, best=args.best)
+        ck = checkpoint_from_args(args)
     except CheckpointError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -80,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
         f.write(json.dumps(summary, indent=1))
     if summary["corrupt"]:
         print(f"WARNING: {len(summary['corrupt'])} images could not be decoded; their rows have no guesses: "
-              f"{', '.join(summary['corrupt'][:5])}", file=sys.stderr)
+              f"{', '.join(summary['corrupt'][:EXAMPLES])}", file=sys.stderr)
     print(json.dumps(summary))
     return 0
 
