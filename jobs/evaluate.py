@@ -17,6 +17,7 @@ import argparse
 import json
 import sys
 
+from data import ShardIndexError
 from distributed.checkpoint import CheckpointError
 from evaluation.checkpoints import add_checkpoint_arguments, checkpoint_from_args
 from evaluation.classify import evaluate_checkpoint
@@ -45,10 +46,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        ck = checkpoint_from_args(args)
-    except CheckpointError as e:
+        evaluate(args)
+    except (CheckpointError, ShardIndexError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    return 0
+
+
+def evaluate(args: argparse.Namespace) -> None:
+    """Evaluate, write results.md/json and frontier.png, print the table and the headline."""
+    ck = checkpoint_from_args(args)
     results = evaluate_checkpoint(ck, args.data or ck.cfg.data.url, args.split,
                                   image_size=args.image_size or ck.cfg.data.image_size, batch_size=args.batch_size,
                                   num_workers=args.loader_workers, ten_crop=args.ten_crop)
@@ -64,7 +71,6 @@ def main(argv: list[str] | None = None) -> int:
         if results[key]:
             headline[key] = {m: results[key][m] for m in ("top1", "top5", "loss", "samples")}
     print(json.dumps({**headline, "written": list(paths)}))
-    return 0
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ import sys
 
 import fsspec
 
-from data import read_index
+from data import ShardIndexError, read_index
 from data.layout import EXAMPLES
 from distributed.checkpoint import CheckpointError
 from distributed.cluster import init_ray
@@ -60,10 +60,16 @@ def sidecar_url(out: str) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        ck = checkpoint_from_args(args)
-    except CheckpointError as e:
+        predict(args)
+    except (CheckpointError, ShardIndexError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    return 0
+
+
+def predict(args: argparse.Namespace) -> None:
+    """Predict, write the CSV and its JSON summary, print the summary."""
+    ck = checkpoint_from_args(args)
     data_url = args.data or ck.cfg.data.url
     size = args.image_size or ck.cfg.data.image_size
     if args.workers > 1:
@@ -79,7 +85,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"WARNING: {len(summary['corrupt'])} images could not be decoded; their rows have no guesses: "
               f"{', '.join(summary['corrupt'][:EXAMPLES])}", file=sys.stderr)
     print(json.dumps(summary))
-    return 0
 
 
 if __name__ == "__main__":
