@@ -58,7 +58,7 @@ def evaluate(args: argparse.Namespace) -> None:
     ck = checkpoint_from_args(args)
     results = evaluate_checkpoint(ck, args.data or ck.cfg.data.url, args.split,
                                   image_size=args.image_size or ck.cfg.data.image_size, batch_size=args.batch_size,
-                                  num_workers=args.loader_workers, ten_crop=args.ten_crop)
+                                  loader_workers=args.loader_workers, ten_crop=args.ten_crop)
     out = args.out or default_results_dir(ck.url)
     paths = write_results(results, out)
     best = results["ten_crop"] or results["centre"]  # the chart's point: the best protocol evaluated

@@ -74,8 +74,8 @@ def predict(args: argparse.Namespace) -> None:
     size = args.image_size or ck.cfg.data.image_size
     if args.workers > 1:
         print(f"[predict] Ray: {init_ray(args.address)}, {args.workers} tasks", flush=True)
-    records = run_predictions(ck, data_url, args.split, workers=args.workers, batch_size=args.batch_size,
-                              image_size=size, threshold=args.cam_threshold, gpus_per_worker=1 if args.gpu else 0)
+    records = run_predictions(ck, data_url, args.split, tasks=args.workers, batch_size=args.batch_size,
+                              image_size=size, threshold=args.cam_threshold, gpus_per_task=1 if args.gpu else 0)
     write_submission(records, args.out, read_index(data_url).classes, args.label_format)
     summary = prediction_summary(ck, records, data_url, args.split, image_size=size, submission=args.out,
                                  label_format=args.label_format, threshold=args.cam_threshold)

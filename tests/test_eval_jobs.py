@@ -298,8 +298,8 @@ def test_predict_over_ray_tasks_matches_in_process(dataset, run, ray_local, monk
     ck = checkpoints.read_checkpoint(str(run))
     kw = dict(batch_size=2, image_size=IMAGE_SIZE)
     monkeypatch.chdir(dataset)  # a relative data URL must reach the Ray workers as an absolute one
-    local = prediction.run_predictions(ck, "shards", "test", workers=1, **kw)
-    spread = prediction.run_predictions(ck, "shards", "test", workers=2, **kw)
+    local = prediction.run_predictions(ck, "shards", "test", tasks=1, **kw)
+    spread = prediction.run_predictions(ck, "shards", "test", tasks=2, **kw)
     assert [r["key"] for r in spread] == [r["key"] for r in local]
     for a, b in zip(local, spread):
         assert a["classes"] == b["classes"] and a["boxes"] == b["boxes"]
