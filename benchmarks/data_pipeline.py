@@ -58,7 +58,7 @@ from data.reader import read_piece
 from data.shards import ShardWriter
 from data.storage import fs_and_root
 from data.stream import ShardStream
-from data.transforms import train_transform
+from data.transforms import IMAGENET_MEAN, IMAGENET_STD, train_transform
 
 SIZE = (500, 375)  # the most common ImageNet image size
 QUALITY = 90
@@ -183,7 +183,7 @@ def pipelines(workdir: Path, jpegs: list[bytes], max_sides: list[int]) -> dict:
     T = torchvision.transforms
     folder = torchvision.datasets.ImageFolder(f"{src}/{DATA_DIR}/train", transform=T.Compose([
         T.RandomResizedCrop(CROP), T.RandomHorizontalFlip(), T.ToTensor(),
-        T.Normalize([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])]))
+        T.Normalize(IMAGENET_MEAN, IMAGENET_STD)]))
     baseline = torch.utils.data.DataLoader(folder, batch_size=25, shuffle=True, num_workers=0)
     n, raw = len(jpegs), str(workdir / "shards")
     runs = {"baseline": lambda: sum(len(labels) for _, labels in baseline),

@@ -204,7 +204,8 @@ def kill_group(proc: subprocess.Popen) -> None:
 # -- child -----------------------------------------------------------------------------------------------------
 
 def child(out: Path, workdir: Path, budget_end: float, my_env: dict) -> int:
-    from benchmarks.gpu_parts import Context, SkipPart, log, run_part
+    from benchmarks.gpu_context import Context, SkipPart, log
+    from benchmarks.gpu_parts import run_part
 
     report = read_report(out)
     ctx = Context(report["settings"], workdir, report)

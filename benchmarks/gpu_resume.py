@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from benchmarks import gpu_adapters as adapt
-from benchmarks.gpu_parts import Context, SkipPart
+from benchmarks.gpu_context import Context, SkipPart
 
 ABS_FLOOR = 1e-6
 NOISE_FACTOR = 4.0

@@ -116,30 +116,30 @@ def _train_table(report: dict) -> list[str]:
     return lines
 
 
-def _input_table(report: dict) -> list[str]:
-    lines = ["| part | decode | loader workers | loader alone img/s | training img/s | vs synthetic |",
-             "|---|---|---:|---:|---:|---:|"]
-    for name in ("input/cpu", "input/gpu"):
+def _parts_table(report: dict, header: str, rule: str, names: tuple[str, ...], row) -> list[str]:
+    """A markdown table of the named parts: `row(name, result)` for each that ran, else why it did not."""
+    lines = [header, rule]
+    for name in names:
         r = _ok(report, name)
-        if r is None:
-            lines.append(f"| {name} | {_why(report, name)} | | | | |")
-            continue
-        lines.append(f"| {name} | {r['decode']} | {r['loader_workers']} | {_f(r['loader_only']['images_per_s'])} | "
-                     f"{_f(r['images_per_s'])} | {_f(r.get('vs_synthetic'), '{:.2f}')} |")
+        lines.append(row(name, r) if r is not None else f"| {_why(report, name)} |" + " |" * (rule.count("|") - 2))
     return lines
+
+
+def _input_table(report: dict) -> list[str]:
+    return _parts_table(
+        report, "| part | decode | loader workers | loader alone img/s | training img/s | vs synthetic |",
+        "|---|---|---:|---:|---:|---:|", ("input/cpu", "input/gpu"),
+        lambda name, r: f"| {name} | {r['decode']} | {r['loader_workers']} | "
+                        f"{_f(r['loader_only']['images_per_s'])} | {_f(r['images_per_s'])} | "
+                        f"{_f(r.get('vs_synthetic'), '{:.2f}')} |")
 
 
 def _strategy_table(report: dict) -> list[str]:
-    lines = ["| strategy (world 1, se_googlenet bf16) | images/s | step ms | peak mem GiB | checkpoint save s |",
-             "|---|---:|---:|---:|---:|"]
-    for name in ("strategy/ddp", "strategy/zero1", "strategy/zero2"):
-        r = _ok(report, name)
-        if r is None:
-            lines.append(f"| {_why(report, name)} | | | | |")
-            continue
-        lines.append(f"| {name} | {_f(r['images_per_s'])} | {_f(r['step_ms'], '{:.1f}')} | "
-                     f"{_f(r.get('peak_memory_gib'), '{:.1f}')} | {_f(r['checkpoint']['save_s'], '{:.2f}')} |")
-    return lines
+    return _parts_table(
+        report, "| strategy (world 1, se_googlenet bf16) | images/s | step ms | peak mem GiB | checkpoint save s |",
+        "|---|---:|---:|---:|---:|", ("strategy/ddp", "strategy/zero1", "strategy/zero2"),
+        lambda name, r: f"| {name} | {_f(r['images_per_s'])} | {_f(r['step_ms'], '{:.1f}')} | "
+                        f"{_f(r.get('peak_memory_gib'), '{:.1f}')} | {_f(r['checkpoint']['save_s'], '{:.2f}')} |")
 
 
 def _resume_lines(report: dict) -> list[str]:

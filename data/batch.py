@@ -17,12 +17,12 @@ import numpy as np
 import torch
 
 from data.decode import CorruptImageError, JpegHeader, decode_rgb, image_size, jpeg_header
+from data.layout import EXAMPLES
 from data.reader import IMAGE_EXTS, RawSample
 from data.shards import ShardFormatError
 from data.transforms import CROP_SCALE, Crop, augment_op, center_crop, decode_crop, sample_crop
 
 MIN_SAMPLES_FOR_CORRUPT_CHECK = 50
-EXAMPLES = 5
 
 Row = torch.Tensor | tuple[bytes, Crop]  # a decoded uint8 image, or (compressed bytes, crop) in encoded mode
 BATCH_FIELDS = ("image", "image_offsets", "crop", "label", "key", "corrupt", "position", "step")

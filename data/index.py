@@ -18,9 +18,7 @@ import uuid
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-import fsspec
-
-from data.storage import retry
+from data.storage import fs_and_root, retry
 
 INDEX_NAME = "_index.json"
 LEGACY_INDEX_NAME = "index.json"  # written by versions before the `_`-prefixed layout
@@ -162,8 +160,7 @@ def read_index(url: str) -> DatasetIndex:
     """Read `{url}/_index.json` (retrying transient errors); a missing, old-layout or malformed index raises an
     error naming the URL and key."""
     where = index_url(url)
-    fs, root = fsspec.core.url_to_fs(url)
-    root = root.rstrip("/")
+    fs, root = fs_and_root(url)
     try:
         raw = retry(lambda: fs.cat_file(f"{root}/{INDEX_NAME}"), f"reading {where}")
     except FileNotFoundError:
@@ -248,6 +245,6 @@ def write_json_atomic(fs, path: str, obj: Any) -> None:
 
 
 def write_index(url: str, index: DatasetIndex) -> None:
-    fs, root = fsspec.core.url_to_fs(url)
+    fs, root = fs_and_root(url)
     fs.makedirs(root, exist_ok=True)
-    write_json_atomic(fs, f"{root.rstrip('/')}/{INDEX_NAME}", index.to_json())
+    write_json_atomic(fs, f"{root}/{INDEX_NAME}", index.to_json())

@@ -48,7 +48,7 @@ CSV_HEADER = ["ImageId", "PredictionString"]
 IMAGE_SUFFIXES = (".jpeg", ".jpg")
 
 WNID_RE = re.compile(r"n\d{8}")
-EXAMPLES = 5  # how many example names a report keeps per count
+EXAMPLES = 5  # how many example names a report or an error message keeps per count
 
 
 class LayoutError(ValueError):

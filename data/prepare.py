@@ -35,15 +35,13 @@ import uuid
 from dataclasses import dataclass
 from typing import BinaryIO, Callable, Iterable, Iterator
 
-import fsspec
-
 from data.decode import CorruptImageError
 from data.encode import StoreOptions, StoredImage, store_image
 from data.index import (LEGACY_INDEX_NAME, META_DIR, DatasetIndex, ShardIndexError, ShardInfo, SplitIndex, bad_files_url,
                         index_url, read_index, sidecar_url, write_index, write_json_atomic)
 from data.layout import SPLITS, Box, ImageNetLayout, LayoutError, Sample, clip_boxes
 from data.shards import ShardWriter, file_digest
-from data.storage import retry
+from data.storage import fs_and_root, retry
 
 DEFAULT_SHARD_SIZE = 1000  # ~110 MB of ImageNet JPEGs: big enough to stream, small enough to spread over tasks
 TMP_MARK = ".tmp-"
@@ -191,9 +189,8 @@ def write_shard(src_url: str, dst_url: str, plan: ShardPlan, options: StoreOptio
     `live_sha` maps the shards a live index lists to their sha256: such a shard is only replaced by identical bytes.
     """
     t0 = time.monotonic()
-    src_fs, src_root = fsspec.core.url_to_fs(src_url)
-    fs, root = fsspec.core.url_to_fs(dst_url)
-    src_root, root = src_root.rstrip("/"), root.rstrip("/")
+    src_fs, src_root = fs_and_root(src_url)
+    fs, root = fs_and_root(dst_url)
     fs.invalidate_cache()
     done = shard_done(fs, root, plan, check_sha)
     if done is not None:
@@ -238,8 +235,7 @@ def _remove_stale_temporaries(fs, root: str, splits: Iterable[str]) -> int:
 
 def live_index(dst: str) -> DatasetIndex | None:
     """The index a running job may be reading at `dst`, None for a new folder; an old-layout folder is refused."""
-    fs, root = fsspec.core.url_to_fs(dst)
-    root = root.rstrip("/")
+    fs, root = fs_and_root(dst)
     if fs.exists(f"{root}/{LEGACY_INDEX_NAME}"):
         raise ShardIndexError(f"{dst.rstrip('/')}/{LEGACY_INDEX_NAME}: this folder was prepared by an older version "
                               "(index.json and *.done.json beside the shards); prepare into a new folder")
@@ -250,8 +246,7 @@ def check_live_shards(dst: str, live: DatasetIndex | None, plans: list[ShardPlan
     """Refuse, before writing anything, a plan that would rewrite a shard the live index lists with new content."""
     if live is None:
         return
-    fs, root = fsspec.core.url_to_fs(dst)
-    root = root.rstrip("/")
+    fs, root = fs_and_root(dst)
     listed = {s.name for split in live.splits.values() for s in split.shards}
     for plan in plans:
         meta = read_sidecar(fs, root, plan.name) if plan.name in listed else None
@@ -280,8 +275,7 @@ def prepare_dataset(src: str, dst: str, *, shard_size: int = DEFAULT_SHARD_SIZE,
             raise ValueError(f"split {split!r}; valid: {', '.join(SPLITS)}")
     layout = ImageNetLayout(src)
     plans = plan_shards(layout, splits, shard_size, seed, options)
-    fs, root = fsspec.core.url_to_fs(dst)
-    root = root.rstrip("/")
+    fs, root = fs_and_root(dst)
     fs.makedirs(root, exist_ok=True)
     live = live_index(dst)
     check_live_shards(dst, live, plans)
@@ -338,8 +332,7 @@ def _carried_bad_files(fs, root: str, carried: dict) -> list[dict]:
 def _finish(layout: ImageNetLayout, src: str, dst: str, plans: list[ShardPlan], results: dict[str, dict],
             live: DatasetIndex | None, run: dict) -> dict:
     """Write _meta/bad_files.json, then swap in the new _index.json (last, by an atomic move)."""
-    fs, root = fsspec.core.url_to_fs(dst)
-    root = root.rstrip("/")
+    fs, root = fs_and_root(dst)
     missing = [p.name for p in plans if p.name not in results]
     if missing:
         raise RuntimeError(f"{len(missing)} shards produced no result (first: {missing[0]}); index not written")

@@ -16,11 +16,10 @@ import math
 import numpy as np
 from PIL import Image, ImageDraw
 
-from data.layout import (ANNOTATION_DIR, DATA_DIR, IMAGESETS_DIR, SAMPLE_SUBMISSION, SYNSET_MAPPING,
+from data.layout import (ANNOTATION_DIR, CSV_HEADER, DATA_DIR, IMAGESETS_DIR, SAMPLE_SUBMISSION, SYNSET_MAPPING,
                          TRAIN_SOLUTION, VAL_SOLUTION)
 from data.storage import fs_and_root
 
-CSV_HEADER = "ImageId,PredictionString"
 Points = list[tuple[float, float]]
 
 SHAPES = ("circle", "square", "triangle", "star", "cross", "ring", "hexagon", "crescent", "arrow", "heart",
@@ -32,6 +31,7 @@ DARK, LIGHT = (15.0, 95.0), (160.0, 245.0)  # luminance ranges of background and
 BOXED_FRACTION_MOD = 3  # train images whose number % 3 == 2 get no boxes (ImageNet's CSV covers ~42 %)
 SPECIALS = ("cmyk", "grayscale", "png_as_jpeg", "truncated")
 JPEG_QUALITY = 90
+SUBMISSION_GUESSES = 5  # the Kaggle sample submission's guesses per image (evaluation.localize.TOP_K)
 
 
 def _wnid(c: int) -> str:
@@ -175,50 +175,12 @@ def make_sample(out_url: str, classes: int = 5, per_class: int = 200, val_per_cl
 
     Defaults (5 classes, 200 train + 40 val per class, 50 test) take a few seconds on one core.
     """
-    if not 1 <= classes <= len(SHAPES):
-        raise ValueError(f"classes={classes}; valid: 1..{len(SHAPES)} ({', '.join(SHAPES)})")
-    if per_class < 1 or classes * per_class < len(SPECIALS) + classes or val_per_class < 1 or test < 0:
-        raise ValueError(f"per_class={per_class}, val_per_class={val_per_class}, test={test}: need per_class >= 1 "
-                         f"with classes * per_class >= {len(SPECIALS)} + classes (room for the special files), "
-                         "val_per_class >= 1, test >= 0")
+    _check_sizes(classes, per_class, val_per_class, test)
     wnids = [_wnid(c) for c in range(classes)]
     files: dict[str, bytes] = {}
-    train_cls, train_loc, val_lines, test_lines = [], [], [], []
-    train_csv, val_csv, submission = ([CSV_HEADER] for _ in range(3))
-    # Specials sit on the first images of successive classes (class j % K, image j // K).
-    specials = {(j % classes, j // classes): name for j, name in enumerate(SPECIALS)}
-    special_keys: dict[str, str] = {}
-
-    for c, wnid in enumerate(wnids):
-        for n in range(per_class):
-            key = f"{wnid}_{n + 1}"
-            img, box = render(SHAPES[c], np.random.default_rng([seed, 0, c, n]))
-            special = specials.get((c, n))
-            if special:
-                special_keys[special] = key
-            files[f"{DATA_DIR}/train/{wnid}/{key}.JPEG"] = _encode(img, special)
-            train_cls.append(f"{wnid}/{key} {len(train_cls) + 1}")
-            if n % BOXED_FRACTION_MOD != 2:
-                train_loc.append(f"{wnid}/{key} {len(train_loc) + 1}")
-                train_csv.append(f"{key},{wnid} {' '.join(map(str, box))} ")
-                files[f"{ANNOTATION_DIR}/train/{wnid}/{key}.xml"] = _voc_xml(wnid, key, img.size, wnid, box)
-
-    val_classes = np.random.default_rng([seed, 1]).permutation(np.repeat(np.arange(classes), val_per_class))
-    for i, c in enumerate(val_classes.tolist()):
-        key, wnid = f"ILSVRC2012_val_{i + 1:08d}", wnids[c]
-        img, box = render(SHAPES[c], np.random.default_rng([seed, 1, i]))
-        files[f"{DATA_DIR}/val/{key}.JPEG"] = _encode(img, None)
-        files[f"{ANNOTATION_DIR}/val/{key}.xml"] = _voc_xml("val", key, img.size, wnid, box)
-        val_lines.append(f"{key} {i + 1}")
-        val_csv.append(f"{key},{wnid} {' '.join(map(str, box))} ")
-
-    test_rng = np.random.default_rng([seed, 2])
-    for i in range(test):
-        key = f"ILSVRC2012_test_{i + 1:08d}"
-        img, _ = render(SHAPES[int(test_rng.integers(classes))], np.random.default_rng([seed, 2, i]))
-        files[f"{DATA_DIR}/test/{key}.JPEG"] = _encode(img, None)
-        test_lines.append(f"{key} {i + 1}")
-        submission.append(f"{key}," + " ".join(f"{w} 0 0 0 0" for w in wnids[:5]))
+    train_cls, train_loc, train_csv, special_keys = _train_split(files, wnids, per_class, seed)
+    val_lines, val_csv = _val_split(files, wnids, val_per_class, seed)
+    test_lines, submission = _test_split(files, wnids, test, seed)
 
     def text(lines: list[str]) -> bytes:
         return ("\n".join(lines) + "\n").encode()
@@ -236,6 +198,69 @@ def make_sample(out_url: str, classes: int = 5, per_class: int = 200, val_per_cl
             "train": classes * per_class, "train_with_boxes": len(train_loc), "val": len(val_lines),
             "test": test, "files": len(files), "bytes": sum(map(len, files.values())), "special": special_keys,
             "seed": seed}
+
+
+def _check_sizes(classes: int, per_class: int, val_per_class: int, test: int) -> None:
+    if not 1 <= classes <= len(SHAPES):
+        raise ValueError(f"classes={classes}; valid: 1..{len(SHAPES)} ({', '.join(SHAPES)})")
+    if per_class < 1 or classes * per_class < len(SPECIALS) + classes or val_per_class < 1 or test < 0:
+        raise ValueError(f"per_class={per_class}, val_per_class={val_per_class}, test={test}: need per_class >= 1 "
+                         f"with classes * per_class >= {len(SPECIALS)} + classes (room for the special files), "
+                         "val_per_class >= 1, test >= 0")
+
+
+def _train_split(files: dict[str, bytes], wnids: list[str], per_class: int,
+                 seed: int) -> tuple[list[str], list[str], list[str], dict[str, str]]:
+    """Train images (with the special files) and their boxes into `files`; returns (train_cls.txt lines,
+    train_loc.txt lines, LOC_train_solution.csv lines, special name -> key)."""
+    classes = len(wnids)
+    train_cls, train_loc, train_csv = [], [], [",".join(CSV_HEADER)]
+    # Specials sit on the first images of successive classes (class j % K, image j // K).
+    specials = {(j % classes, j // classes): name for j, name in enumerate(SPECIALS)}
+    special_keys: dict[str, str] = {}
+    for c, wnid in enumerate(wnids):
+        for n in range(per_class):
+            key = f"{wnid}_{n + 1}"
+            img, box = render(SHAPES[c], np.random.default_rng([seed, 0, c, n]))
+            special = specials.get((c, n))
+            if special:
+                special_keys[special] = key
+            files[f"{DATA_DIR}/train/{wnid}/{key}.JPEG"] = _encode(img, special)
+            train_cls.append(f"{wnid}/{key} {len(train_cls) + 1}")
+            if n % BOXED_FRACTION_MOD != 2:
+                train_loc.append(f"{wnid}/{key} {len(train_loc) + 1}")
+                train_csv.append(f"{key},{wnid} {' '.join(map(str, box))} ")
+                files[f"{ANNOTATION_DIR}/train/{wnid}/{key}.xml"] = _voc_xml(wnid, key, img.size, wnid, box)
+    return train_cls, train_loc, train_csv, special_keys
+
+
+def _val_split(files: dict[str, bytes], wnids: list[str], val_per_class: int,
+               seed: int) -> tuple[list[str], list[str]]:
+    """Val images in a shuffled class order and their boxes into `files`; returns (val.txt lines,
+    LOC_val_solution.csv lines)."""
+    val_lines, val_csv = [], [",".join(CSV_HEADER)]
+    val_classes = np.random.default_rng([seed, 1]).permutation(np.repeat(np.arange(len(wnids)), val_per_class))
+    for i, c in enumerate(val_classes.tolist()):
+        key, wnid = f"ILSVRC2012_val_{i + 1:08d}", wnids[c]
+        img, box = render(SHAPES[c], np.random.default_rng([seed, 1, i]))
+        files[f"{DATA_DIR}/val/{key}.JPEG"] = _encode(img, None)
+        files[f"{ANNOTATION_DIR}/val/{key}.xml"] = _voc_xml("val", key, img.size, wnid, box)
+        val_lines.append(f"{key} {i + 1}")
+        val_csv.append(f"{key},{wnid} {' '.join(map(str, box))} ")
+    return val_lines, val_csv
+
+
+def _test_split(files: dict[str, bytes], wnids: list[str], test: int, seed: int) -> tuple[list[str], list[str]]:
+    """Unlabelled test images into `files`; returns (test.txt lines, LOC_sample_submission.csv lines)."""
+    test_lines, submission = [], [",".join(CSV_HEADER)]
+    test_rng = np.random.default_rng([seed, 2])
+    for i in range(test):
+        key = f"ILSVRC2012_test_{i + 1:08d}"
+        img, _ = render(SHAPES[int(test_rng.integers(len(wnids)))], np.random.default_rng([seed, 2, i]))
+        files[f"{DATA_DIR}/test/{key}.JPEG"] = _encode(img, None)
+        test_lines.append(f"{key} {i + 1}")
+        submission.append(f"{key}," + " ".join(f"{w} 0 0 0 0" for w in wnids[:SUBMISSION_GUESSES]))
+    return test_lines, submission
 
 
 def _write_all(out_url: str, files: dict[str, bytes]) -> None:

@@ -4,6 +4,7 @@ run config with the model's unwrapped fp32 weights, from a DDP `state.pt` (model
 checkpoint of any ZeRO stage and precision. Every file is read with weights_only=True."""
 from __future__ import annotations
 
+import argparse
 import contextlib
 import shutil
 import tempfile
@@ -99,6 +100,22 @@ def read_checkpoint(url: str, weights: str = "scored", best: bool = False) -> Ch
     meta = read_meta(url) or {}
     return CheckpointWeights(url, cfg, chosen, source, int(state.get("step", 0)), int(state.get("epoch", 0)),
                              meta.get("role"), meta.get("score"))
+
+
+def add_checkpoint_arguments(parser: argparse.ArgumentParser) -> None:
+    """--checkpoint, --best, --weights and --ema: how every job that reads a checkpoint chooses it."""
+    parser.add_argument("--checkpoint", required=True, help="checkpoint directory or run folder (any fsspec URL)")
+    parser.add_argument("--best", action="store_true",
+                        help="a run folder's best evaluated checkpoint, not its newest")
+    parser.add_argument("--weights", choices=WEIGHTS, default="scored",
+                        help="scored (default: those that scored the checkpoint, run.checkpoint_score), raw, or "
+                             "ema (runs with optim.ema_decay)")
+    parser.add_argument("--ema", action="store_const", const="ema", dest="weights", help="same as --weights ema")
+
+
+def checkpoint_from_args(args: argparse.Namespace) -> CheckpointWeights:
+    """read_checkpoint with the choice that add_checkpoint_arguments parsed."""
+    return read_checkpoint(args.checkpoint, weights=args.weights, best=args.best)
 
 
 def build_inference_model(cfg: Config, weights: dict, num_classes: int) -> nn.Module:

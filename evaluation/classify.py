@@ -17,9 +17,9 @@ from models import split_outputs
 CENTRE_OF_TEN = 4  # TenCrop order: top-left, top-right, bottom-left, bottom-right, centre, then mirrored
 
 
-def split_loader(url: str, split: str, *, image_size: int, batch_size: int, num_workers: int, ten_crop: bool):
+def split_loader(url: str, split: str, *, image_size: int, batch_size: int, loader_workers: int, ten_crop: bool):
     """One process's loader over a whole split (data.eval_loader); 10-crop batches are uint8 [b, 10, 3, S, S]."""
-    opts = StreamOptions(url, image_size=image_size, eval_batch_size=batch_size, loader_workers=num_workers)
+    opts = StreamOptions(url, image_size=image_size, eval_batch_size=batch_size, loader_workers=loader_workers)
     return eval_loader(opts, 0, 1, split, ten_crop=ten_crop)
 
 
@@ -87,13 +87,13 @@ def evaluate_model(model: nn.Module, loader, num_classes: int) -> dict:
 
 
 def evaluate_checkpoint(ck: CheckpointWeights, data_url: str, split: str = "val", *, image_size: int,
-                        batch_size: int, num_workers: int = 0, ten_crop: bool = False,
+                        batch_size: int, loader_workers: int = 0, ten_crop: bool = False,
                         device: torch.device | None = None) -> dict:
     """The results document of jobs.evaluate: both protocols' figures, per class, confused pairs, provenance."""
     index = read_index(data_url)
     model = build_inference_model(ck.cfg, ck.weights, index.num_classes).to(device or default_device())
-    loader = split_loader(data_url, split, image_size=image_size, batch_size=batch_size, num_workers=num_workers,
-                          ten_crop=ten_crop)
+    loader = split_loader(data_url, split, image_size=image_size, batch_size=batch_size,
+                          loader_workers=loader_workers, ten_crop=ten_crop)
     out = evaluate_model(model, loader, index.num_classes)
     seen, expected = out["centre"].totals()["samples"] + len(out["corrupt"]), index.split(split, data_url).samples
     if seen != expected:  # never report a figure over a silently different set of images

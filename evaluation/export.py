@@ -24,7 +24,7 @@ from evaluation.checkpoints import CheckpointWeights, build_inference_model
 from models.upstream import upstream_for
 
 EXPORT_FORMAT = "imagenet-ray-export/1"
-WEIGHTS, CONFIG, CLASSES, PROGRAM = "model.safetensors", "config.json", "classes.json", "model.pt2"
+WEIGHTS_FILE, CONFIG_FILE, CLASSES_FILE, PROGRAM_FILE = "model.safetensors", "config.json", "classes.json", "model.pt2"
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DDP / DataParallel / DeepSpeed engine, torch.compile
 MAX_BATCH = 4096  # the exported program's dynamic batch dimension: 1..MAX_BATCH
 
@@ -74,7 +74,7 @@ def export_config(ck: CheckpointWeights, options: ExportOptions, num_classes: in
         "crop": size,
         "interpolation": "bilinear",
         "output": f"logits [N, {num_classes}]; index i is classes.json[i]",
-        "files": {"weights": WEIGHTS, "program": PROGRAM, "classes": CLASSES},
+        "files": {"weights": WEIGHTS_FILE, "program": PROGRAM_FILE, "classes": CLASSES_FILE},
         "source": {"checkpoint": ck.url, "weights": ck.source, "step": ck.step, "epoch": ck.epoch,
                    "data": options.data_url},
         "torch": torch.__version__,
@@ -102,12 +102,13 @@ def write_export(ck: CheckpointWeights, options: ExportOptions, out: str) -> dic
     config = export_config(ck, options, num_classes)
     folder = RunFolder(out)
     with tempfile.TemporaryDirectory(prefix="export-") as tmp:
-        save_file(dict(weights), os.path.join(tmp, WEIGHTS), metadata={"format": "pt", "export": EXPORT_FORMAT})
-        torch.export.save(export_program(model, options.image_size, options.check_batch), os.path.join(tmp, PROGRAM))
-        for name, doc in ((CLASSES, classes), (CONFIG, config)):
+        save_file(dict(weights), os.path.join(tmp, WEIGHTS_FILE), metadata={"format": "pt", "export": EXPORT_FORMAT})
+        program = export_program(model, options.image_size, options.check_batch)
+        torch.export.save(program, os.path.join(tmp, PROGRAM_FILE))
+        for name, doc in ((CLASSES_FILE, classes), (CONFIG_FILE, config)):
             with open(os.path.join(tmp, name), "w") as f:
                 json.dump(doc, f, indent=1)
-        for name in (WEIGHTS, PROGRAM, CLASSES, CONFIG):
+        for name in (WEIGHTS_FILE, PROGRAM_FILE, CLASSES_FILE, CONFIG_FILE):
             folder.put_file(os.path.join(tmp, name), name)
     return config
 

@@ -5,12 +5,9 @@ from __future__ import annotations
 
 import functools
 import json
-import os
-import tempfile
 from dataclasses import dataclass
 
-from distributed.run_folder import RunFolder
-from evaluation.report import DISPLAY_NAMES, FRONTIER_CHART
+from evaluation.report import DISPLAY_NAMES, save_figure
 from models import ILSVRC_WINNERS, list_models, summarize
 from models.published import PUBLISHED
 
@@ -95,12 +92,7 @@ def frontier_chart(ours: list[Point], url: str) -> None:
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8, loc="lower right")
     fig.tight_layout()
-    with tempfile.TemporaryDirectory() as d:
-        local = os.path.join(d, FRONTIER_CHART)
-        fig.savefig(local, dpi=100)
-        plt.close(fig)
-        base, name = url.rstrip("/").rsplit("/", 1) if "/" in url else (".", url)
-        RunFolder(base).put_file(local, name)  # temporary name, then renamed: never half a png
+    save_figure(fig, url)
 
 
 def run_points(runs) -> list[Point]:

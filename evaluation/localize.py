@@ -18,10 +18,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from data.transforms import EVAL_CROP_RATIO
+from distributed.accuracy import TOP_K  # guesses per image: top-5 accuracy and the Kaggle submission
 from distributed.config import Config
 from models import get_model, split_outputs, unwrap_model
 
-TOP_K = 5  # guesses per image in the Kaggle submission and in top-5 accuracy
 CAM_THRESHOLD = 0.2  # Zhou et al. 2016, sec. 3: "above 20% of the max value of the CAM"
 IOU_THRESHOLD = 0.5  # ILSVRC localization criterion
 

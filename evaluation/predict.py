@@ -12,8 +12,9 @@ from torch import nn
 
 from data import read_index
 from data.decode import CorruptImageError, decode_rgb
+from data.layout import CSV_HEADER
 from data.shards import ShardFormatError
-from data.reader import iter_raw_samples
+from data.reader import IMAGE_EXTS, iter_raw_samples
 from data.transforms import eval_transform, normalize
 from distributed.config import config_from_dict
 from distributed.run_folder import storage_uri
@@ -76,7 +77,7 @@ def predict_range(cfg_dict: dict, weights: dict, classes: list[str], url: str, s
         label, boxes = sample_truth(key, members, class_index)
         record = {"key": key, "label": label, "gt_boxes": [[c, *b] for c, b in boxes]}
         records.append(record)
-        image_member = next((e for e in ("jpg", "jpeg", "png", "webp") if e in members), None)
+        image_member = next((e for e in IMAGE_EXTS if e in members), None)
         try:
             if image_member is None:
                 raise CorruptImageError(key, f"no image member (members: {', '.join(sorted(members))})")
@@ -90,26 +91,26 @@ def predict_range(cfg_dict: dict, weights: dict, classes: list[str], url: str, s
     return records
 
 
-def run_predictions(ck: CheckpointWeights, url: str, split: str, *, workers: int, batch_size: int,
-                    image_size: int, threshold: float = CAM_THRESHOLD, gpus_per_worker: float = 0) -> list[dict]:
-    """Predict a whole split: in this process (workers=1) or one Ray task per rank range (Ray already up).
+def run_predictions(ck: CheckpointWeights, url: str, split: str, *, tasks: int, batch_size: int,
+                    image_size: int, threshold: float = CAM_THRESHOLD, gpus_per_task: float = 0) -> list[dict]:
+    """Predict a whole split: in this process (tasks=1) or one Ray task per rank range (Ray already up).
 
-    Tasks run on a GPU when given one (`gpus_per_worker`), else on their CPU. Every sample is predicted exactly
+    Tasks run on a GPU when given one (`gpus_per_task`), else on their CPU. Every sample is predicted exactly
     once: the record count is checked against _index.json.
     """
-    url = storage_uri(url)  # Ray workers do not run in this process's directory: hand them absolute local paths
+    url = storage_uri(url)  # Ray tasks do not run in this process's directory: hand them absolute local paths
     index = read_index(url)
     expected = index.split(split, url).samples
     kw = dict(batch_size=batch_size, image_size=image_size, threshold=threshold)
     cfg_dict = ck.cfg.to_dict()
-    if workers == 1:
+    if tasks == 1:
         records = predict_range(cfg_dict, ck.weights, index.classes, url, split, 0, 1, **kw)
     else:
         import ray
 
-        task = ray.remote(num_cpus=1, num_gpus=gpus_per_worker, max_retries=2)(predict_range)
+        task = ray.remote(num_cpus=1, num_gpus=gpus_per_task, max_retries=2)(predict_range)
         weights = ray.put(ck.weights)
-        refs = [task.remote(cfg_dict, weights, index.classes, url, split, r, workers, **kw) for r in range(workers)]
+        refs = [task.remote(cfg_dict, weights, index.classes, url, split, r, tasks, **kw) for r in range(tasks)]
         records = [rec for part in ray.get(refs) for rec in part]
     if len(records) != expected or len({r["key"] for r in records}) != expected:
         raise RuntimeError(f"{url} split {split!r}: {len(records)} predictions for {expected} samples")
@@ -135,7 +136,7 @@ def write_submission(records: list[dict], out: str, classes: list[str], label_fo
         raise ValueError(f"label_format={label_format!r}; valid: 'id', 'wnid'")
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(["ImageId", "PredictionString"])
+    writer.writerow(CSV_HEADER)
     for r in records:
         writer.writerow([r["key"], prediction_string(r, classes, label_format)])
     with fsspec.open(out, "w") as f:

@@ -24,6 +24,7 @@ DISPLAY_NAMES = {"alexnet": "AlexNet", "googlenet": "GoogLeNet", "resnet50": "Re
                  "se_resnet50": "SE-ResNet-50", "senet154": "SENet-154", "se_googlenet": "SE-GoogLeNet",
                  "se_bn_inception": "SE-BN-Inception", "resnet18": "ResNet-18", "resnet34": "ResNet-34",
                  "regnety_016": "RegNetY-1.6GF", "efficientnet_b1": "EfficientNet-B1", "xception": "Xception"}
+CURVES_CHART = "curves.png"  # the run folder's training curves (write_curves)
 FRONTIER_CHART = "frontier.png"  # evaluation/frontier.py draws it beside results.md and report.md
 PREDICT_KIND = "predict"  # the "kind" of predict's JSON sidecar, which jobs.report looks for
 EVALUATE_KIND = "evaluate"
@@ -86,14 +87,23 @@ def default_results_dir(checkpoint_url: str) -> str:
 
 def write_results(results: dict, out_dir: str) -> tuple[str, str]:
     """results.json and results.md into `out_dir` (any fsspec URL); returns their URLs."""
-    fs, path = fsspec.core.url_to_fs(out_dir)
-    fs.makedirs(path, exist_ok=True)
-    urls = (join(out_dir, RESULTS_JSON), join(out_dir, RESULTS_MD))
-    with fsspec.open(urls[0], "w") as f:
-        f.write(json.dumps(results, indent=1))
-    with fsspec.open(urls[1], "w") as f:
-        f.write(results_markdown(results))
-    return urls
+    folder = RunFolder(out_dir)  # each file under a temporary name, then moved over the final one
+    folder.write_text(RESULTS_JSON, json.dumps(results, indent=1))
+    folder.write_text(RESULTS_MD, results_markdown(results))
+    return folder.url(RESULTS_JSON), folder.url(RESULTS_MD)
+
+
+def save_figure(fig, url: str) -> None:
+    """A matplotlib figure as a PNG at `url` (any fsspec URL): drawn locally, then put under a temporary name and
+    renamed (never half a PNG); the figure is closed."""
+    import matplotlib.pyplot as plt
+
+    with tempfile.TemporaryDirectory() as d:
+        local = os.path.join(d, "figure.png")
+        fig.savefig(local, dpi=100)
+        base, name = url.rstrip("/").rsplit("/", 1) if "/" in url else (".", url)
+        RunFolder(base).put_file(local, name)
+    plt.close(fig)
 
 
 @dataclass
@@ -221,9 +231,7 @@ def report_chart(runs: list[RunResults], path: str) -> None:
         if ax.lines:
             ax.legend(fontsize=8)
     fig.tight_layout()
-    with fsspec.open(path, "wb") as f:
-        fig.savefig(f, format="png", dpi=100)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def write_curves(run_url: str) -> None:
@@ -245,8 +253,4 @@ def write_curves(run_url: str) -> None:
     ax2.set(xlabel="epoch", ylabel="val accuracy", ylim=(0, 1), title="validation")
     ax2.legend()
     fig.tight_layout()
-    with tempfile.TemporaryDirectory() as d:
-        path = os.path.join(d, "curves.png")
-        fig.savefig(path, dpi=100)
-        run.put_file(path, "curves.png")
-    plt.close(fig)
+    save_figure(fig, run.url(CURVES_CHART))

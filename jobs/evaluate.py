@@ -17,8 +17,9 @@ import argparse
 import json
 import sys
 
+from data import ShardIndexError
 from distributed.checkpoint import CheckpointError
-from evaluation.checkpoints import WEIGHTS, read_checkpoint
+from evaluation.checkpoints import add_checkpoint_arguments, checkpoint_from_args
 from evaluation.classify import evaluate_checkpoint
 from distributed.run_folder import join
 from evaluation.frontier import frontier_chart, our_point
@@ -28,17 +29,13 @@ from evaluation.report import FRONTIER_CHART, default_results_dir, results_markd
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m jobs.evaluate", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", required=True, help="checkpoint directory or run folder (any fsspec URL)")
-    p.add_argument("--best", action="store_true", help="a run folder's best evaluated checkpoint, not its newest")
+    add_checkpoint_arguments(p)
     p.add_argument("--data", help="shards URL (default: the run config's data.url)")
     p.add_argument("--split", default="val", help="a labelled split (default: val)")
     p.add_argument("--ten-crop", action="store_true", help="also evaluate 10 crops (TenCrop), softmax averaged")
     p.add_argument("--batch-size", type=int, default=64, help="images per batch (x10 crops with --ten-crop)")
     p.add_argument("--loader-workers", type=int, default=0, help="DataLoader worker processes")
     p.add_argument("--image-size", type=int, help="crop size (default: the run config's data.image_size)")
-    p.add_argument("--weights", choices=WEIGHTS, default="scored",
-                   help="scored (default: those that scored the checkpoint), raw, or ema (runs with optim.ema_decay)")
-    p.add_argument("--ema", action="store_const", const="ema", dest="weights", help="same as --weights ema")
     p.add_argument("--out", help="directory for results.md / results.json (any fsspec URL)")
     args = p.parse_args(argv)
     if args.batch_size < 1 or args.loader_workers < 0 or (args.image_size is not None and args.image_size < 1):
@@ -49,13 +46,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        ck = read_checkpoint(args.checkpoint, weights=args.weights, best=args.best)
-    except CheckpointError as e:
+        evaluate(args)
+    except (CheckpointError, ShardIndexError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    return 0
+
+
+def evaluate(args: argparse.Namespace) -> None:
+    """Evaluate, write results.md/json and frontier.png, print the table and the headline."""
+    ck = checkpoint_from_args(args)
     results = evaluate_checkpoint(ck, args.data or ck.cfg.data.url, args.split,
                                   image_size=args.image_size or ck.cfg.data.image_size, batch_size=args.batch_size,
-                                  num_workers=args.loader_workers, ten_crop=args.ten_crop)
+                                  loader_workers=args.loader_workers, ten_crop=args.ten_crop)
     out = args.out or default_results_dir(ck.url)
     paths = write_results(results, out)
     best = results["ten_crop"] or results["centre"]  # the chart's point: the best protocol evaluated
@@ -68,7 +71,6 @@ def main(argv: list[str] | None = None) -> int:
         if results[key]:
             headline[key] = {m: results[key][m] for m in ("top1", "top5", "loss", "samples")}
     print(json.dumps({**headline, "written": list(paths)}))
-    return 0
 
 
 if __name__ == "__main__":

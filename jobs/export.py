@@ -20,19 +20,15 @@ import sys
 from data import ShardIndexError
 from distributed.checkpoint import CheckpointError
 from distributed.run_folder import join
-from evaluation.checkpoints import WEIGHTS, read_checkpoint
-from evaluation.export import CLASSES, CONFIG, PROGRAM, WEIGHTS, ExportOptions, write_export
+from evaluation.checkpoints import add_checkpoint_arguments, checkpoint_from_args
+from evaluation.export import CLASSES_FILE, CONFIG_FILE, PROGRAM_FILE, WEIGHTS_FILE, ExportOptions, write_export
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m jobs.export", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", required=True, help="checkpoint directory or run folder (any fsspec URL)")
+    add_checkpoint_arguments(p)
     p.add_argument("--out", required=True, help="output directory (any fsspec URL)")
-    p.add_argument("--best", action="store_true", help="a run folder's best evaluated checkpoint, not its newest")
-    p.add_argument("--weights", choices=WEIGHTS, default="scored",
-                   help="scored: the weights that scored the checkpoint (run.checkpoint_score); raw; or ema")
-    p.add_argument("--ema", action="store_const", const="ema", dest="weights", help="same as --weights ema")
     p.add_argument("--data", help="shards URL whose index names the classes (default: the run config's data.url)")
     p.add_argument("--image-size", type=int, help="the program's input size (default: the run's data.image_size)")
     args = p.parse_args(argv)
@@ -44,7 +40,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        ck = read_checkpoint(args.checkpoint, weights=args.weights, best=args.best)
+        ck = checkpoint_from_args(args)
         options = ExportOptions(data_url=args.data or ck.cfg.data.url,
                                 image_size=args.image_size or ck.cfg.data.image_size)
         config = write_export(ck, options, args.out)
@@ -55,7 +51,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"exported {ck.url} ({config['model']}, {ck.source} weights, step {ck.step}) to {args.out}; "
           f"upstream architecture: {upstream}")
     print(json.dumps({"checkpoint": ck.url, "model": config["model"], "upstream": config["upstream"],
-                      "written": [join(args.out, f) for f in (WEIGHTS, PROGRAM, CLASSES, CONFIG)]}))
+                      "written": [join(args.out, f) for f in (WEIGHTS_FILE, PROGRAM_FILE, CLASSES_FILE,
+                                                              CONFIG_FILE)]}))
     return 0
 
 

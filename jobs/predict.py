@@ -21,10 +21,11 @@ import sys
 
 import fsspec
 
-from data import read_index
+from data import ShardIndexError, read_index
+from data.layout import EXAMPLES
 from distributed.checkpoint import CheckpointError
 from distributed.cluster import init_ray
-from evaluation.checkpoints import WEIGHTS, read_checkpoint
+from evaluation.checkpoints import add_checkpoint_arguments, checkpoint_from_args
 from evaluation.localize import CAM_THRESHOLD
 from evaluation.predict import prediction_summary, run_predictions, write_submission
 
@@ -32,8 +33,7 @@ from evaluation.predict import prediction_summary, run_predictions, write_submis
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m jobs.predict", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", required=True, help="checkpoint directory or run folder (any fsspec URL)")
-    p.add_argument("--best", action="store_true", help="a run folder's best evaluated checkpoint, not its newest")
+    add_checkpoint_arguments(p)
     p.add_argument("--split", required=True, choices=("test", "val"))
     p.add_argument("--out", required=True, help="submission CSV (any fsspec URL)")
     p.add_argument("--label-format", choices=("id", "wnid"), default="id",
@@ -47,9 +47,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--gpu", action="store_true", help="one GPU per Ray task (--workers > 1; in-process: "
                    "a GPU is used whenever one is visible)")
     p.add_argument("--address", help="Ray address for --workers > 1 (default: $RAY_ADDRESS, else a local Ray)")
-    p.add_argument("--weights", choices=WEIGHTS, default="scored",
-                   help="scored (default: those that scored the checkpoint), raw, or ema (runs with optim.ema_decay)")
-    p.add_argument("--ema", action="store_const", const="ema", dest="weights", help="same as --weights ema")
     args = p.parse_args(argv)
     if args.workers < 1 or args.batch_size < 1 or not 0 < args.cam_threshold < 1:
         p.error("--workers and --batch-size must be >= 1 and --cam-threshold in (0, 1)")
@@ -63,16 +60,22 @@ def sidecar_url(out: str) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        ck = read_checkpoint(args.checkpoint, weights=args.weights, best=args.best)
-    except CheckpointError as e:
+        predict(args)
+    except (CheckpointError, ShardIndexError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    return 0
+
+
+def predict(args: argparse.Namespace) -> None:
+    """Predict, write the CSV and its JSON summary, print the summary."""
+    ck = checkpoint_from_args(args)
     data_url = args.data or ck.cfg.data.url
     size = args.image_size or ck.cfg.data.image_size
     if args.workers > 1:
         print(f"[predict] Ray: {init_ray(args.address)}, {args.workers} tasks", flush=True)
-    records = run_predictions(ck, data_url, args.split, workers=args.workers, batch_size=args.batch_size,
-                              image_size=size, threshold=args.cam_threshold, gpus_per_worker=1 if args.gpu else 0)
+    records = run_predictions(ck, data_url, args.split, tasks=args.workers, batch_size=args.batch_size,
+                              image_size=size, threshold=args.cam_threshold, gpus_per_task=1 if args.gpu else 0)
     write_submission(records, args.out, read_index(data_url).classes, args.label_format)
     summary = prediction_summary(ck, records, data_url, args.split, image_size=size, submission=args.out,
                                  label_format=args.label_format, threshold=args.cam_threshold)
@@ -80,9 +83,8 @@ def main(argv: list[str] | None = None) -> int:
         f.write(json.dumps(summary, indent=1))
     if summary["corrupt"]:
         print(f"WARNING: {len(summary['corrupt'])} images could not be decoded; their rows have no guesses: "
-              f"{', '.join(summary['corrupt'][:5])}", file=sys.stderr)
+              f"{', '.join(summary['corrupt'][:EXAMPLES])}", file=sys.stderr)
     print(json.dumps(summary))
-    return 0
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ import threading
 import time
 import urllib.request
 import uuid
+from unittest import mock
 
 import pytest
 
@@ -146,17 +147,11 @@ def s3_environment():
     """
     server = S3Server()
     server.start()
-    saved = {k: os.environ.get(k) for k in [*S3_ENV, "AWS_ENDPOINT_URL"]}
-    os.environ.update(S3_ENV, AWS_ENDPOINT_URL=server.endpoint)
     try:
-        yield server
+        with mock.patch.dict(os.environ, S3_ENV, AWS_ENDPOINT_URL=server.endpoint):
+            yield server
     finally:
         server.close()
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 @pytest.fixture(scope="session")
@@ -247,6 +242,18 @@ def _time_limit(seconds: float, what: str):
 def time_limit():
     """`with time_limit(120, "the run"):` raises TimeoutError in the test's thread past the limit (SIGALRM)."""
     return _time_limit
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """torch on one intra-op thread for a module (`pytestmark = pytest.mark.usefixtures("one_thread")`): tiny
+    batches gain nothing from intra-op threads, and on a shared 2-core machine their spin-waits cost 10x."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 # -- a multi-node Ray cluster on 127.0.0.1: a head and two worker nodes (tests/multinode.py) -----------------------

@@ -213,6 +213,22 @@ def test_gcp_firewall_opens_only_ssh():
             assert opts.get("--source-tags") == opts.get("--target-tags"), opts
 
 
+def _fill_placeholders(cfg: dict, iam, ami: str, sg: str) -> None:
+    """The REPLACE_ME placeholders of every node type, filled with moto's resources of the same names."""
+    for node_type in cfg["available_node_types"].values():
+        node = node_type["node_config"]
+        profile = node["IamInstanceProfile"]["Arn"].rsplit("/", 1)[1]
+        try:
+            iam.create_role(RoleName=profile, AssumeRolePolicyDocument="{}")
+            iam.create_instance_profile(InstanceProfileName=profile)
+            iam.add_role_to_instance_profile(InstanceProfileName=profile, RoleName=profile)
+        except iam.exceptions.EntityAlreadyExistsException:
+            pass
+        node["IamInstanceProfile"]["Arn"] = iam.get_instance_profile(
+            InstanceProfileName=profile)["InstanceProfile"]["Arn"]
+        node.update(ImageId=ami, SecurityGroupIds=[sg])
+
+
 def test_aws_bootstrap_and_launch_against_moto(tmp_path, monkeypatch):
     """Ray's AWS bootstrap keeps our group and profiles, and each type launches as spot or on-demand."""
     moto = pytest.importorskip("moto")
@@ -233,20 +249,7 @@ def test_aws_bootstrap_and_launch_against_moto(tmp_path, monkeypatch):
         vpc = ec2.describe_vpcs()["Vpcs"][0]["VpcId"]
         sg = ec2.create_security_group(GroupName="imagenet-ray", Description="t", VpcId=vpc)["GroupId"]
         ami = ec2.describe_images()["Images"][0]["ImageId"]
-        iam = boto3.client("iam")
-        # Fill the REPLACE_ME placeholders with moto's resources of the same names.
-        for node_type in cfg["available_node_types"].values():
-            node = node_type["node_config"]
-            profile = node["IamInstanceProfile"]["Arn"].rsplit("/", 1)[1]
-            try:
-                iam.create_role(RoleName=profile, AssumeRolePolicyDocument="{}")
-                iam.create_instance_profile(InstanceProfileName=profile)
-                iam.add_role_to_instance_profile(InstanceProfileName=profile, RoleName=profile)
-            except iam.exceptions.EntityAlreadyExistsException:
-                pass
-            node["IamInstanceProfile"]["Arn"] = iam.get_instance_profile(
-                InstanceProfileName=profile)["InstanceProfile"]["Arn"]
-            node.update(ImageId=ami, SecurityGroupIds=[sg])
+        _fill_placeholders(cfg, boto3.client("iam"), ami, sg)
         groups_before = len(ec2.describe_security_groups()["SecurityGroups"])
 
         booted = bootstrap_aws(cfg)

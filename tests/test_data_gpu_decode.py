@@ -9,9 +9,9 @@ from PIL import Image
 
 import data.gpu_decode as gpu_decode
 from data.gpu_decode import decode_batch
-from data.transforms import Crop, center_crop, decode_crop, normalize, sample_crop
+from data.transforms import IMAGENET_STD, Crop, center_crop, decode_crop, normalize, sample_crop
 
-LEVEL = 1 / (255 * min((0.229, 0.224, 0.225)))  # one uint8 step after normalisation, at the largest scale
+LEVEL = 1 / (255 * min(IMAGENET_STD))  # one uint8 step after normalisation, at the largest scale
 
 
 def _encode(w: int, h: int, seed: int, mode: str = "RGB", fmt: str = "JPEG") -> bytes:

@@ -11,11 +11,11 @@ from data.batch import CorruptDataError, join_batches
 from data.gpu_decode import device_batch
 from data.loader import TrainLoader, eval_loader
 from data.options import StreamOptions
-from data.transforms import normalize
+from data.transforms import IMAGENET_STD, normalize
 from tests.shard_data import build
-from tests.test_data_loader import SIZES, epoch_keys, options
+from tests.test_data_loader import dataset, epoch_keys, options  # noqa: F401 (dataset: the shards fixture)
 
-LEVEL = 1 / (255 * min((0.229, 0.224, 0.225)))  # one uint8 step after normalisation (test_data_gpu_decode)
+LEVEL = 1 / (255 * min(IMAGENET_STD))  # one uint8 step after normalisation (test_data_gpu_decode)
 
 
 def steps(url: str, world: int, loader_workers: int, decode: str, epoch: int = 1, start: int = 0,
@@ -39,13 +39,6 @@ def steps(url: str, world: int, loader_workers: int, decode: str, epoch: int = 1
         for ld in loaders:
             ld.close()
     return out
-
-
-@pytest.fixture(scope="module")
-def dataset(tmp_path_factory):
-    url = str(tmp_path_factory.mktemp("shards"))
-    build(url, SIZES, sidecars=True)
-    return url
 
 
 @pytest.fixture(scope="module")

@@ -3,8 +3,8 @@ import json
 import os
 
 import pytest
+from fsspec.implementations.local import LocalFileSystem
 
-import data.index as index_module
 import data.storage as storage
 from data.index import (DatasetIndex, IndexChangedError, ShardIndexError, ShardInfo, SplitIndex, bad_files_url,
                         check_index_unchanged, index_url, read_index, sidecar_url, write_index)
@@ -35,13 +35,13 @@ def test_identity_is_a_digest_of_the_content(tmp_path):
 def test_a_replaced_index_is_never_missing_and_leaves_no_temporaries(tmp_path, monkeypatch):
     write_index(str(tmp_path), _index())
     seen = []
-    real_mv = index_module.fsspec.implementations.local.LocalFileSystem.mv
+    real_mv = LocalFileSystem.mv
 
     def spy(self, src, dst, **kw):
         seen.append(os.path.exists(dst))  # the old index is still in place when the new one moves over it
         return real_mv(self, src, dst, **kw)
 
-    monkeypatch.setattr(index_module.fsspec.implementations.local.LocalFileSystem, "mv", spy)
+    monkeypatch.setattr(LocalFileSystem, "mv", spy)
     write_index(str(tmp_path), _index(seed=2))
     assert seen == [True] and sorted(os.listdir(tmp_path)) == ["_index.json"]
     assert read_index(str(tmp_path)).extra["seed"] == 2
@@ -68,7 +68,7 @@ def test_a_reader_notices_a_changed_index(tmp_path):
 def test_transient_read_errors_are_retried_missing_files_are_not(tmp_path, monkeypatch):
     write_index(str(tmp_path), _index())
     monkeypatch.setattr(storage, "BASE_DELAY_S", 0.0)
-    real, failures = index_module.fsspec.implementations.local.LocalFileSystem.cat_file, []
+    real, failures = LocalFileSystem.cat_file, []
 
     def flaky(self, path, *a, **k):
         if len(failures) < 2:
@@ -76,7 +76,7 @@ def test_transient_read_errors_are_retried_missing_files_are_not(tmp_path, monke
             raise ConnectionError("connection reset")
         return real(self, path, *a, **k)
 
-    monkeypatch.setattr(index_module.fsspec.implementations.local.LocalFileSystem, "cat_file", flaky)
+    monkeypatch.setattr(LocalFileSystem, "cat_file", flaky)
     assert read_index(str(tmp_path)).identity == _index().identity and len(failures) == 2
     failures.clear()
     monkeypatch.setattr(storage, "ATTEMPTS", 2)

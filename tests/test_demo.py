@@ -13,6 +13,7 @@ import sys
 import pytest
 
 from tests.conftest import TINY
+from jobs import demo
 from jobs.demo import next_steps
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -53,3 +54,18 @@ def test_next_steps_name_the_commands_for_the_run_folder():
     assert "python -m jobs.evaluate --checkpoint runs/demo" in evaluate
     assert "python -m jobs.predict --checkpoint runs/demo --split test --out runs/demo/submission.csv" in evaluate
     assert "tensorboard --logdir runs/demo/tensorboard" in curves
+
+
+def test_old_layout_demo_data_gets_a_message_not_a_traceback(tmp_path, monkeypatch, capsys):
+    """A demo_data/shards from an earlier version (index.json, not _index.json): the demo names it and the fix,
+    before it starts Ray or writes anything."""
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    (shards / "index.json").write_text("{}")
+    monkeypatch.chdir(REPO)  # the demo's config path is relative to the repository
+    code = demo.main(["--set", f"data.url={shards}", "--set", f"run.storage_path={tmp_path / 'runs'}"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert f"error: {shards} holds shards prepared by an older version of this project (index.json" in err
+    assert f"rm -rf {shards} {tmp_path / 'runs'}/demo && make demo" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["shards"]  # nothing written, no run folder

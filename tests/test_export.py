@@ -9,6 +9,7 @@ import re
 import socket
 import subprocess
 import sys
+from unittest import mock
 from pathlib import Path
 
 import pytest
@@ -32,15 +33,7 @@ from models.upstream import upstream_for
 REPO = Path(__file__).resolve().parents[1]
 NUM_CLASSES = 3  # the `shards` fixture's classes
 SIZE = 32
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny batches gain nothing from intra-op threads, and on a shared 2-core machine their spin-waits cost 10x."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _config(tiny_config, shards, tmp_path, name: str, kwargs: dict, *extra: str):
@@ -202,16 +195,10 @@ def gloo_world_of_one():
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     env = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)  # DeepSpeed reads LOCAL_RANK and friends from the environment
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
-    yield
-    dist.destroy_process_group()
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
+    with mock.patch.dict(os.environ, env):  # DeepSpeed reads LOCAL_RANK and friends from the environment
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+        yield
+        dist.destroy_process_group()
 
 
 @pytest.mark.slow  # DeepSpeed's import and engine set-up: 10-60 s on a busy 2-core machine
