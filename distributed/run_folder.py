@@ -13,35 +13,23 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-import time
 import uuid
 
 import fsspec
 import pyarrow.fs as pafs
 from fsspec.implementations.local import LocalFileSystem
 
+from data import storage
 
-STORAGE_ATTEMPTS = 6  # backoff 1+2+4+8+8 = 23 s between attempts
-RETRY_BASE_S = 1.0
-RETRY_MAX_S = 8.0
-# Errors that are answers, not outages (s3fs maps NoSuchKey/AccessDenied to the first two).
-FINAL_ERRORS = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError, FileExistsError)
+
+STORAGE_ATTEMPTS = storage.RUN_FOLDER_ATTEMPTS
 
 
 def retry(fn, what: str, attempts: int = STORAGE_ATTEMPTS):
-    """Call fn(); on a transient error wait 1, 2, 4, 8, 8 s and call again, up to `attempts` calls in all."""
-    for attempt in range(1, attempts + 1):
-        try:
-            return fn()
-        except FINAL_ERRORS:
-            raise
-        except Exception as e:  # noqa: BLE001 -- network and storage errors come in many types (botocore, aiohttp)
-            if attempt == attempts:
-                raise
-            delay = min(RETRY_BASE_S * 2 ** (attempt - 1), RETRY_MAX_S)
-            print(f"storage: {what} failed ({type(e).__name__}: {str(e)[:200]}); retry {attempt}/{attempts - 1} "
-                  f"in {delay:g} s", flush=True)
-            time.sleep(delay)
+    """fn() under the run folder's retry policy (data/storage.py): wait 1, 2, 4, 8, 8 s between `attempts` calls,
+    print each retry, re-raise the last error."""
+    return storage.retry(fn, what, error=None, not_retried=storage.FINAL_ERRORS, attempts=attempts,
+                         base_delay_s=storage.RUN_FOLDER_BASE_DELAY_S, announce=True)
 
 
 S3_MAX_ATTEMPTS = 10  # AWS "default" strategy: 25 ms x 2^n between attempts, about 25 s in all
