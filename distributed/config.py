@@ -143,7 +143,8 @@ class RunConfig:
     # of the range must divide data.global_batch_size (docs/fault_tolerance.md, "Elastic runs").
     num_workers: int | str | list = 2
     use_gpu: bool = False
-    cpus_per_worker: int = 1
+    # Ray CPUs per rank (and torch threads, at least 1); a fraction packs more ranks than cores (tests: 3 ranks on 2).
+    cpus_per_worker: float = 1
     checkpoint_every_steps: int = 500
     # Evaluated checkpoints kept (the best by score); Ray keeps the latest checkpoint too.
     num_to_keep: int = 3

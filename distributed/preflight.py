@@ -127,8 +127,8 @@ def check_resources(cfg: Config, local: bool) -> None:
         print(f"note: the cluster has no GPU yet; waiting for the autoscaler to add {least}", flush=True)
     cpus = least * cfg.run.cpus_per_worker
     if local and have.get("CPU", 0) < cpus:
-        raise PreflightError(f"run.num_workers={cfg.run.num_workers} x run.cpus_per_worker={cfg.run.cpus_per_worker}"
-                             f" needs {cpus} CPUs, but this Ray has {have.get('CPU', 0):g}; lower them")
+        raise PreflightError(f"run.num_workers={cfg.run.num_workers} x run.cpus_per_worker={cfg.run.cpus_per_worker:g}"
+                             f" needs {cpus:g} CPUs, but this Ray has {have.get('CPU', 0):g}; lower them")
 
 
 class _ReadTracking(dict):

@@ -17,6 +17,12 @@ from distributed.run_folder import RunFolder, join, storage_filesystem, storage_
 from distributed.worker import train_loop_per_worker
 
 
+def scaling_workers(cfg: Config) -> int | tuple[int, int]:
+    """run.num_workers as Ray Train 2.60's ScalingConfig takes it: a count, or (min, max) for elastic training."""
+    lo, hi = worker_range(cfg.run)
+    return lo if lo == hi else (lo, hi)
+
+
 def build_trainer(cfg: Config, run_uri: str, launch_id: str):
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -30,7 +36,10 @@ def build_trainer(cfg: Config, run_uri: str, launch_id: str):
         train_loop_per_worker,
         train_loop_config={"cfg": cfg.to_dict(), "run_uri": run_uri, "launch_id": launch_id},
         torch_config=TorchConfig(backend="nccl" if cfg.run.use_gpu else "gloo"),
-        scaling_config=ScalingConfig(num_workers=worker_range(cfg.run)[0], use_gpu=cfg.run.use_gpu,
+        # A range (min, max) is Ray Train's elastic scaling: it starts the worker group with as many ranks as the
+        # cluster can place and restarts it from the latest checkpoint when that number changes
+        # (docs/fault_tolerance.md, "Elastic runs"); the loop then continues the epoch at the new size.
+        scaling_config=ScalingConfig(num_workers=scaling_workers(cfg), use_gpu=cfg.run.use_gpu,
                                      resources_per_worker=resources),
         run_config=RunConfig(
             name=cfg.run.name,

@@ -26,7 +26,7 @@ from distributed.tracking import metrics_log
 def configure_runtime(cfg: Config, device: torch.device) -> None:
     """Threads on CPU; on GPU cudnn.benchmark and TF32 unless run.deterministic (docs/training.md, GPU checklist)."""
     if device.type == "cpu":
-        torch.set_num_threads(cfg.run.cpus_per_worker)
+        torch.set_num_threads(max(1, int(cfg.run.cpus_per_worker)))
     if cfg.run.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
         torch.backends.cudnn.benchmark = False
