@@ -79,14 +79,19 @@ def check_resume_order(cfg: Config, run_uri: str) -> None:
     position and the training order of this config (seed, index, global batch, shuffle budget): read from its
     meta.json, so a refusal comes before any worker starts (the worker checks the state it loads again)."""
     names = ckpt.list_checkpoints(run_uri)
-    url = join(run_uri, names[0]) if names else cfg.resume_from
-    if not url:
+    urls = [join(run_uri, n) for n in names] or ([cfg.resume_from] if cfg.resume_from else [])
+    for url in urls:  # newest first; one without a readable meta.json (a partial upload) is resume's to skip
+        try:
+            meta = ckpt.read_meta(url)
+        except ckpt.CheckpointError:
+            continue
+        if meta is None:
+            continue
+        try:
+            check_resumable(meta, train_fingerprint(stream_options(cfg)), url)
+        except ckpt.CheckpointError as e:
+            raise PreflightError(str(e)) from None
         return
-    meta = ckpt.read_meta(url) or {}
-    try:
-        check_resumable(meta, train_fingerprint(stream_options(cfg)), url)
-    except ckpt.CheckpointError as e:
-        raise PreflightError(str(e)) from None
 
 
 def check_model(cfg: Config, num_classes: int) -> None:
