@@ -24,7 +24,7 @@ import pytest
 import s3fs
 
 from distributed import checkpoint as ckpt
-from distributed.resume import checkpoint_step
+from distributed.checkpoint import checkpoint_step
 from distributed.run_folder import RunFolder
 from tests.conftest import tiny_overrides
 from tests.multinode import uploaded_checkpoints
