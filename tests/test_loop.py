@@ -231,7 +231,8 @@ def _two_ranks(rank: int, port: int, out: str) -> None:
 
     reporter = Reporter(cfg, strategy, state, torch.device("cpu"), send=send)
     ph = phases(cfg, strategy, state, 4, reporter)
-    assert not train_one_epoch(ph, state, ListLoader(batches(4, seed=10 + rank)))  # different data per rank: other BN stats
+    # different data per rank: other BN statistics
+    assert not train_one_epoch(ph, state, ListLoader(batches(4, seed=10 + rank)))
     torch.save({k: v for k, v in strategy.module.state_dict().items() if "running" in k},
                os.path.join(out, f"bn.rank{rank}.pt"))
     dist.destroy_process_group()

@@ -175,11 +175,14 @@ def test_a_resume_that_would_change_the_training_order_is_refused(shards, tmp_pa
     (tmp_path / "runs" / "x" / "checkpoint_0000000004").mkdir()  # newer, no meta.json (a partial upload): skipped
     check_resume_order(tiny_config(shards, str(tmp_path / "runs"), "x", "run.num_workers=1",
                                    "data.loader_workers=2"), run_uri)  # the shape may change
-    for override, message in (("run.seed=1", "seed: 0 -> 1"), ("data.global_batch_size=8", "global_batch_size: 16 -> 8"),
+    for override, message in (("run.seed=1", "seed: 0 -> 1"),
+                              ("data.global_batch_size=8", "global_batch_size: 16 -> 8"),
                               ("data.shuffle_buffer_mb=1", "shuffle_buffer_mb: 64.0 -> 1.0")):
-        with pytest.raises(PreflightError, match=f"checkpoint_0000000002: the training order would change .*{message}"):
+        with pytest.raises(PreflightError, match=f"checkpoint_0000000002: the training order would change .*"
+                                                 f"{message}"):
             check_resume_order(tiny_config(shards, str(tmp_path / "runs"), "x", override), run_uri)
     (directory / "meta.json").write_text('{"format_version": 1, "role": "recovery", "step": 2, "epoch": 0, '
                                          '"batch": 2, "score": null, "metric": "val_top1"}')
-    with pytest.raises(PreflightError, match="written by an older version: its data position is .* Start a new run.name"):
+    with pytest.raises(PreflightError, match="written by an older version: its data position is .* Start a new "
+                                             "run.name"):
         check_resume_order(cfg, run_uri)
