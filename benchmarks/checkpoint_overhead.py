@@ -2,7 +2,7 @@
 
     python -m benchmarks.checkpoint_overhead --json [--per-class 160] [--every 4] [--fake-step-s 0.1]
 
-configs/demo.yaml (se_googlenet, DDP, 2 Ray workers on a local Ray on 127.0.0.1, 64 px, batch 16 per worker) for
+configs/demo.yaml (se_googlenet, DDP, 2 Ray workers on a local Ray on 127.0.0.1, 64 px, global batch 32: 16 per worker) for
 one epoch of a generated 5-class sample, a metrics record per step. Two scenarios:
 
 - demo: the real model on the CPUs;

@@ -12,7 +12,7 @@ Sources (each 500x375, JPEG quality 90, the most common ImageNet size):
 Pipelines, each ending in a training batch (RandomResizedCrop 224 + flip):
 - baseline: torchvision.datasets.ImageFolder (PIL decode, RandomResizedCrop, flip, ToTensor, Normalize) in a
   DataLoader (batch 25, collate);
-- previous_loader: ShardStream (decode_rgb, v2 transforms on the full image), the loop's loader until it switches to
+- previous_loader: ShardStream (decode_rgb, v2 transforms on the full image), the loop's loader before it moved to
   TrainLoader, on shards `jobs.prepare` wrote without --max-side;
 - loader_raw: `data.TrainLoader` as a rank runs it (one rank, global batch 25, loader_workers=0 so that all its work,
   the read-ahead thread included, is this process's CPU time): crop drawn from the image size, decode at the scale

@@ -27,7 +27,7 @@ def make_config(model: str, precision: str, batch: int, image_size: int, *, chan
                 compile: bool = False, strategy: str = "ddp", zero_stage: int = 0, epochs: int = 90,
                 warmup_epochs: float = 0.0, seed: int = 0, url: str = "unused") -> Config:
     """A one-process run config (run.num_workers=1: the learning rate is the per-256 base rate x batch / 256)."""
-    overrides = [f"model.name={model}", f"strategy.precision={precision}", f"data.batch_size={batch}",
+    overrides = [f"model.name={model}", f"strategy.precision={precision}", f"data.global_batch_size={batch}",
                  f"data.image_size={image_size}", f"model.channels_last={str(channels_last).lower()}",
                  f"model.compile={str(compile).lower()}", f"strategy.name={strategy}",
                  f"strategy.zero_stage={zero_stage}", f"schedule.epochs={epochs}",

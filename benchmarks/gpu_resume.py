@@ -106,7 +106,7 @@ class Runner:
         step, loss = start, None
         while step < stop:
             epoch, first = divmod(step, self.steps_per_epoch)
-            loader = adapt.train_loader(cfg.data.url, batch=cfg.data.batch_size, image_size=cfg.data.image_size,
+            loader = adapt.train_loader(cfg.data.url, batch=cfg.data.global_batch_size, image_size=cfg.data.image_size,
                                         workers=ctx.settings["resume_loader_workers"], seed=cfg.run.seed,
                                         epoch=epoch, start_batch=first)
             for batch in loader:

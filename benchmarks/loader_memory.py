@@ -165,7 +165,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--steps", type=int, default=0, help="steps of the first pass (default: through the ramp and "
                                                          "two full windows)")
     p.add_argument("--previous-loader", action="store_true",
-                   help="measure the loop's current loader instead (ShardStream: per-rank batch G / world, a shuffle "
+                   help="measure the loop's previous loader instead (ShardStream: per-rank batch G / world, a shuffle "
                         "buffer of --shuffle-buffer samples per loader worker)")
     p.add_argument("--shuffle-buffer", type=int, default=5000, help="samples, for --previous-loader")
     p.add_argument("--workdir", help="keep the stand-in dataset here and reuse it (default: a temporary folder)")

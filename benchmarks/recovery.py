@@ -7,7 +7,7 @@ the fault to the first training step after it, steps lost, and the checkpoint ov
 
 The cluster: a head (the driver) and two worker nodes of 2 CPUs each, shards and checkpoints on a moto S3
 server on 127.0.0.1. The job: `python -m jobs.train --config configs/demo.yaml` (se_googlenet, DDP, 2 workers of
-1 CPU, 64 px, batch 16 per worker) on a generated 5-class sample (5 x `--per-class` train images: 12 steps per
+1 CPU, 64 px, global batch 32: 16 per worker) on a generated 5-class sample (5 x `--per-class` train images: 12 steps per
 epoch at 80), a checkpoint every `--checkpoint-every` steps, a metrics record per step. Once rank 0 has printed
 step `--fault-at-step` (halfway between two checkpoints by default) and the checkpoint before it is on storage,
 the fault:
@@ -52,7 +52,7 @@ import time
 FAULTS = ["worker_kill", "node_loss", "node_drain", "driver_kill"]
 CONFIG = "configs/demo.yaml"
 WORKERS = {"node_a": 2, "node_b": 2}
-START = re.compile(r"rank 0: .* start at epoch \d+ batch \d+ \(step (\d+), from (\S+)\)")
+START = re.compile(r"rank 0: .* start at epoch \d+ sample \d+ \(step (\d+), from (\S+)\)")
 STEP = re.compile(r"epoch \d+/\d+ step (\d+)/\d+ loss")
 POLICY = re.compile(r"\[FailurePolicy\] (\w+)\s.*?Source: ([\w ]+?)\s*$", re.S | re.M)
 

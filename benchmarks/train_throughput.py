@@ -24,7 +24,7 @@ from models import get_model
 
 
 def bench_model(name: str, image_size: int, batch: int, steps: int, warmup: int, device: torch.device) -> dict:
-    cfg = load_config(None, [f"model.name={name}", f"data.batch_size={batch}", "run.num_workers=1"])
+    cfg = load_config(None, [f"model.name={name}", f"data.global_batch_size={batch}", "run.num_workers=1"])
     torch.manual_seed(0)
     model = get_model(name, num_classes=1000)
     strategy = DDPStrategy(cfg, model, device, steps_per_epoch=1000)

@@ -14,7 +14,7 @@ transforms.
     batch.py       raw samples -> batches, crop first (decoded uint8, or bytes + crops for the device), corrupt counts
     options.py     StreamOptions: the loaders' settings in one frozen dataclass
     loader.py      TrainLoader (per rank, persistent loader workers) and eval_loader
-    stream.py      ShardStream / build_loader: evaluation, and the previous per-rank training order
+    stream.py      ShardStream: the previous per-rank loader, kept only as the baseline the benchmarks compare with
     decode.py      decode_reduced (DCT-scaled JPEG decode), decode_rgb (torchvision, PIL fallback), CorruptImageError
     transforms.py  presets on uint8 tensors; sample_crop / decode_crop (crop drawn from the size), normalize
     gpu_decode.py  device_batch (any loader batch -> normalised on the device); decode_batch: batched nvJPEG there
@@ -34,15 +34,14 @@ from data.reader import ShardReadError, iter_raw_samples
 from data.sample import make_sample
 from data.shards import ShardFormatError, ShardIntegrityError, ShardWriter, verify_shards
 from data.storage import StorageError, fs_and_root, retry
-from data.stream import ShardStream, build_loader
 from data.transforms import (IMAGENET_MEAN, IMAGENET_STD, Crop, build_transform, center_crop, decode_crop,
                              eval_transform, normalize, sample_crop, ten_crop_transform, train_transform)
 
 __all__ = [
     "Box", "CorruptDataError", "CorruptImageError", "Crop", "DatasetIndex", "IMAGENET_MEAN", "IMAGENET_STD",
     "ImageNetLayout", "IndexChangedError", "LayoutError", "OrderChangedError", "Sample", "ShardFormatError",
-    "ShardIndexError", "ShardInfo", "ShardIntegrityError", "ShardReadError", "ShardStream", "ShardWriter",
-    "SplitIndex", "StorageError", "StoreOptions", "StreamOptions", "TrainLoader", "TrainOrder", "build_loader",
+    "ShardIndexError", "ShardInfo", "ShardIntegrityError", "ShardReadError", "ShardWriter",
+    "SplitIndex", "StorageError", "StoreOptions", "StreamOptions", "TrainLoader", "TrainOrder",
     "build_transform", "center_crop", "check_index_unchanged", "check_same_order", "check_world", "decode_batch",
     "decode_crop", "decode_pil", "decode_reduced", "decode_rgb", "device_batch", "eval_loader", "eval_transform",
     "fs_and_root", "index_url", "iter_raw_samples", "make_sample", "normalize", "order_fingerprint", "parse_voc_xml",

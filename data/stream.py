@@ -1,5 +1,7 @@
-"""ShardStream: one rank's batches of a split, read front to back; the evaluation stream, and the training stream
-of the loop until it moves to `data.train_loader.TrainLoader` (whose order does not depend on the world size).
+"""ShardStream: one rank's batches of a split, read front to back: the previous per-rank loader. Nothing in the
+training or evaluation path uses it (they use `data.TrainLoader` and `data.eval_loader`, whose order does not depend
+on the world size); it is kept only as the baseline of `benchmarks/loader_memory.py --previous-loader` and
+`benchmarks/data_pipeline.py` (previous_loader), and is not exported by the `data` package.
 
 Order, designed so that resuming mid-epoch is exact with the same world size and any number of loader workers:
 

@@ -33,7 +33,7 @@ from tests.test_chaos import verifies, wait_gone
 pytestmark = [pytest.mark.slow, pytest.mark.chaos]
 
 RUN_BUDGET_S = 480  # a hang guard for one driver run (about a minute on an idle 2-core machine), not a speed test
-STEPS_PER_EPOCH = 4  # tiny config: 35 samples per rank at batch 8
+STEPS_PER_EPOCH = 4  # tiny config: 71 training samples // global batch 16
 # Ray Train polls Ray Core's drain state every 5 s by default; 1 s keeps the tiny run from ending before it looks.
 DRIVER_ENV = {"RAY_TRAIN_PREEMPTION_POLL_INTERVAL_S": "1"}
 NOTICE = re.compile(r"rank 0: Ray is draining a node of this run; checkpoint at step (\d+)")  # distributed/loop.py
