@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -36,6 +37,10 @@ import psutil
 REPO = Path(__file__).resolve().parents[1]
 RAY_CLI = str(Path(sys.executable).parent / "ray")
 TRAIN_WORKER = "RayTrainWorker"  # in the process title of Ray Train's worker actors
+# What a driver of `jobs.train` prints: where each attempt starts (distributed/worker.py) and each progress line
+# (distributed/monitor.py; every step with run.log_every_steps=1).
+ATTEMPT_START = re.compile(r"rank 0: .* start at epoch \d+ batch \d+ \(step (\d+), from (\S+)\)")
+STEP_LINE = re.compile(r"epoch \d+/\d+ step (\d+)/\d+ loss")
 
 
 @dataclass
@@ -160,7 +165,10 @@ class MultiNodeCluster:
         """The node vanishes: every process of it SIGKILLed (its raylet first). Returns the time.time() of it."""
         node = self.nodes.pop(name)
         self.drained.discard(name)
-        workers = _children(node.raylet)
+        try:
+            workers = _children(node.raylet)
+        except psutil.Error:  # a drained node that went idle exits by itself
+            workers = []
         when = time.time()
         self.cluster.remove_node(node.node, allow_graceful=False)
         for p in workers:  # on a real machine they die with it; here they would notice the raylet gone in a while
@@ -180,8 +188,11 @@ class MultiNodeCluster:
         return time.time()
 
     def reset(self) -> None:
-        """Back to the initial shape: drained nodes removed, missing initial nodes added (fresh raylets)."""
-        for name in [n for n in self.drained if n in self.nodes]:
+        """Back to the initial shape: drained nodes removed (drained here, or by a run through Ray's DrainNode),
+        dead ones forgotten, missing initial nodes added (fresh raylets)."""
+        draining = set(self.cluster.global_state.get_draining_nodes())
+        for name in [n for n, node in self.nodes.items() if n in self.drained or node.node_id in draining
+                     or not self.node_alive(n)]:
             self.remove_node(name)
         self.drained.clear()
         for name, cpus in self._initial.items():
@@ -299,7 +310,7 @@ def checkpoint_uploaded(fs, path: str) -> bool:
 
 def uploaded_checkpoints(fs, folder: str) -> list[str]:
     """Names of the run folder's checkpoints whose files are all on storage (`checkpoint_uploaded`), oldest first."""
-    from distributed.resume import NAME
+    from distributed.checkpoint import NAME
 
     fs.invalidate_cache()
     try:
@@ -307,6 +318,16 @@ def uploaded_checkpoints(fs, folder: str) -> list[str]:
     except FileNotFoundError:  # nothing written yet (exists() and ls() disagree on S3 while the folder fills)
         return []
     return [n for n in names if NAME.fullmatch(n) and checkpoint_uploaded(fs, f"{folder}/{n}")]
+
+
+def steps_lost(output: str) -> tuple[int, int]:
+    """From a driver's output (run.log_every_steps=1): (steps trained before the first restart minus the step that
+    restart restored, that restored step). Raises AssertionError if the output shows no restart."""
+    starts = list(ATTEMPT_START.finditer(output))
+    assert len(starts) > 1, f"no restart in the driver's output:\n{output[-3000:]}"
+    restored = int(starts[1].group(1))
+    before = [int(s) for s in STEP_LINE.findall(output[:starts[1].start()])]
+    return max(before, default=restored) - restored, restored
 
 
 def reap(procs: list[psutil.Process], timeout: float = 30.0) -> list[str]:

@@ -5,8 +5,9 @@ server on 127.0.0.1. Each test runs `python -m jobs.train` as a driver on the he
 tests/conftest.py, and injects one fault once the epoch-1 checkpoint (step 4) is on storage:
 
 - the node running the training workers vanishes (raylet and all its processes SIGKILLed);
-- that node is drained with a deadline (`ray drain-node --reason DRAIN_NODE_REASON_PREEMPTION`), and the provider
-  takes it away once the run has saved its checkpoint on notice;
+- that node is drained with a deadline (`ray drain-node --reason DRAIN_NODE_REASON_PREEMPTION`): the run
+  checkpoints on notice and restarts on the other node as a preemption, losing no step;
+- one of its training workers gets SIGTERM: the same, the node drained by the run itself;
 - the driver is SIGKILLed while the worker nodes live, and the job is submitted again.
 
 docs/fault_tolerance.md ("Node-level faults") says what Ray Train 2.60 does in each case and why.
@@ -24,10 +25,10 @@ import pytest
 import s3fs
 
 from distributed import checkpoint as ckpt
-from distributed.resume import checkpoint_step
+from distributed.checkpoint import checkpoint_step
 from distributed.run_folder import RunFolder
 from tests.conftest import tiny_overrides
-from tests.multinode import uploaded_checkpoints
+from tests.multinode import steps_lost, uploaded_checkpoints
 from tests.test_chaos import verifies, wait_gone
 
 pytestmark = [pytest.mark.slow, pytest.mark.chaos]
@@ -37,6 +38,7 @@ STEPS_PER_EPOCH = 4  # tiny config: 35 samples per rank at batch 8
 # Ray Train polls Ray Core's drain state every 5 s by default; 1 s keeps the tiny run from ending before it looks.
 DRIVER_ENV = {"RAY_TRAIN_PREEMPTION_POLL_INTERVAL_S": "1"}
 NOTICE = re.compile(r"rank 0: Ray is draining a node of this run; checkpoint at step (\d+)")  # distributed/loop.py
+SIGTERM_NOTICE = re.compile(r"rank 0: a rank got SIGTERM; checkpoint at step (\d+)")
 
 
 @pytest.fixture(scope="module")
@@ -116,26 +118,36 @@ def test_node_lost_mid_run_restarts_on_the_other_node(multinode, bucket, tmp_pat
     assert "Source: worker group" in job.output()  # Ray Train's FailurePolicy: a failure, not a preemption
 
 
-def test_drained_node_saves_a_checkpoint_and_restarts_as_a_preemption(multinode, bucket, tmp_path):
-    """A spot reclaim: drained with a deadline, then taken away. run.max_failures=0, yet the run finishes: Ray Train
-    charges the restart to FailureConfig.max_preemption_failures (default unlimited), not to max_failures."""
-    job = Job(multinode, bucket, "drained", tmp_path, "schedule.epochs=5", "run.checkpoint_every_steps=100",
-              "run.max_failures=0").start()
+def test_drained_node_checkpoints_on_notice_and_restarts_as_a_preemption_losing_no_step(multinode, bucket, tmp_path):
+    """A spot reclaim notice (drained with a 2-minute deadline). run.max_failures=0, yet the run finishes: the loop
+    checkpoints on notice, trains no more and releases the node (distributed/preemption.py); Ray Train restarts the
+    workers on the other node right away, charged to FailureConfig.max_preemption_failures. Nothing is lost."""
+    job = Job(multinode, bucket, "drained", tmp_path, "schedule.epochs=3", "run.checkpoint_every_steps=100",
+              "run.log_every_steps=1", "run.max_failures=0").start()
     drained = job.training_node()
-    multinode.drain(drained, deadline_s=120)  # a spot reclaim notice gives 2 minutes
-    notice = job.wait_for(lambda: NOTICE.search(job.output()), "the loop's checkpoint on the drain notice")
-    step = int(notice.group(1))
-    on_notice = job.wait_for(lambda: [n for n in job.checkpoints() if checkpoint_step(n) == step],
-                             f"the step-{step} checkpoint on storage")[0]
-    newest = job.checkpoints()[-1]
-    multinode.remove_node(drained)  # the provider ends the instance; everything since `newest` is lost
+    multinode.drain(drained, deadline_s=120)
     summary = job.finish()
-    assert summary["steps"] == 5 * STEPS_PER_EPOCH and summary["epochs"] == 5, summary
-    attempts = job.attempts()
-    assert [a["restored_from"] for a in attempts] == ["scratch", f"run:{newest}"], attempts
-    assert checkpoint_step(newest) >= step > STEPS_PER_EPOCH
+    step = int(NOTICE.search(job.output()).group(1))
+    assert STEPS_PER_EPOCH < step < 3 * STEPS_PER_EPOCH
+    assert steps_lost(job.output()) == (0, step)
+    assert [a["restored_from"] for a in job.attempts()] == ["scratch", f"run:{ckpt.checkpoint_dir_name(step)}"]
     assert "Source: preemption" in job.output()  # Ray Train's FailurePolicy: charged to max_preemption_failures
-    assert verifies(job.fs, f"{job.folder}/{on_notice}", tmp_path)
+    assert summary["steps"] == 3 * STEPS_PER_EPOCH and summary["epochs"] == 3, summary
+
+
+def test_sigterm_to_a_worker_restarts_as_a_preemption_losing_no_step(multinode, bucket, tmp_path):
+    """SIGTERM to one training worker, taken as its node going away: every rank checkpoints, the node is drained
+    and released; run.max_failures=0, and Ray Train charges the restart to max_preemption_failures."""
+    job = Job(multinode, bucket, "sigterm", tmp_path, "schedule.epochs=3", "run.checkpoint_every_steps=100",
+              "run.log_every_steps=1", "run.max_failures=0").start()
+    node = job.training_node()
+    multinode.train_workers(node)[-1].send_signal(signal.SIGTERM)
+    summary = job.finish()
+    step = int(SIGTERM_NOTICE.search(job.output()).group(1))
+    assert steps_lost(job.output()) == (0, step) and step > STEPS_PER_EPOCH
+    assert [a["restored_from"] for a in job.attempts()] == ["scratch", f"run:{ckpt.checkpoint_dir_name(step)}"]
+    assert "Source: preemption" in job.output()
+    assert summary["steps"] == 3 * STEPS_PER_EPOCH, summary
 
 
 def test_driver_killed_while_worker_nodes_live_then_resubmitted_resumes(multinode, bucket, tmp_path):
