@@ -19,6 +19,7 @@ Faults, as a cloud or an operator would cause them:
 """
 from __future__ import annotations
 
+import collections
 import contextlib
 import json
 import os
@@ -328,6 +329,34 @@ def steps_lost(output: str) -> tuple[int, int]:
     restored = int(starts[1].group(1))
     before = [int(s) for s in STEP_LINE.findall(output[:starts[1].start()])]
     return max(before, default=restored) - restored, restored
+
+
+def trained_keys(folder: str, epoch: int) -> collections.Counter:
+    """The keys trained in `epoch` (corrupt ones included), from the per-step sample logs the ranks write with
+    run.sample_log (`samples.rank<r>.jsonl`, distributed/loop.py), counting each step as trained by the attempt
+    that trained it last: a restart redoes the steps after its checkpoint. Rank 0 is in every attempt, so its log,
+    in time order, names the world size of that attempt; each rank's last record of the step at that size counts."""
+    logs = {int(re.search(r"rank(\d+)", p.name).group(1)): [json.loads(line) for line in p.read_text().splitlines()]
+            for p in Path(folder).glob("samples.rank*.jsonl")}
+    final_world = {r["step"]: r["world"] for r in logs.get(0, []) if r["epoch"] == epoch}
+    keys: collections.Counter = collections.Counter()
+    for step, world in final_world.items():
+        for rank in range(world):
+            last = [r for r in logs.get(rank, []) if (r["epoch"], r["step"], r["world"]) == (epoch, step, world)]
+            assert last, f"rank {rank} of {world} logged no keys for epoch {epoch} step {step} in {folder}"
+            keys.update(last[-1]["keys"] + last[-1]["corrupt"])
+    return keys
+
+
+def epoch_sample_set(cfg, epoch: int) -> collections.Counter:
+    """Every sample of `epoch` once, as the run's training order defines it (data.TrainLoader at one rank)."""
+    from data import StreamOptions, TrainLoader
+
+    loader = TrainLoader(StreamOptions.from_config(cfg.data, cfg.run.seed), 0, 1)
+    try:
+        return collections.Counter(k for b in loader.epoch(epoch, 0) for k in b["key"] + b["corrupt"])
+    finally:
+        loader.close()
 
 
 def reap(procs: list[psutil.Process], timeout: float = 30.0) -> list[str]:

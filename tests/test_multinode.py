@@ -28,7 +28,8 @@ from distributed import checkpoint as ckpt
 from distributed.checkpoint import checkpoint_step
 from distributed.run_folder import RunFolder
 from tests.conftest import tiny_overrides
-from tests.multinode import steps_lost, uploaded_checkpoints
+from tests.multinode import (STEP_LINE, epoch_sample_set, steps_lost, trained_keys,
+                             uploaded_checkpoints)
 from tests.test_chaos import verifies, wait_gone
 
 pytestmark = [pytest.mark.slow, pytest.mark.chaos]
@@ -59,6 +60,7 @@ class Job:
         self.cluster, self.tmp_path, self.name = cluster, tmp_path, name
         self.folder = f"{bucket}/runs/{name}"
         cfg = tiny_overrides(f"s3://{bucket}/shards", f"s3://{bucket}/runs", name, *overrides)
+        self.overrides = cfg
         self.argv = ["-m", "jobs.train", "--config", "configs/demo.yaml", *[a for o in cfg for a in ("--set", o)]]
         self.fs = s3fs.S3FileSystem(skip_instance_cache=True)
         self.launches = 0
@@ -102,6 +104,22 @@ class Job:
 
     def attempts(self) -> list[dict]:
         return RunFolder(f"s3://{self.folder}").read_jsonl("attempts.jsonl")
+
+    def config(self):
+        from distributed.config import load_config
+
+        return load_config("configs/demo.yaml", self.overrides)
+
+    def steps_trained(self) -> int:
+        return max(map(int, STEP_LINE.findall(self.output())), default=0)
+
+    def check_interrupted_epoch(self, sample_log) -> None:
+        """Steps lost <= the steps since the checkpoint restored, and the epoch of the fault trained every one of
+        its samples exactly once (issue 10's guarantee)."""
+        lost, restored = steps_lost(self.output())
+        assert 0 <= lost <= self.config().run.checkpoint_every_steps, (lost, restored)
+        epoch = restored // STEPS_PER_EPOCH  # of the steps redone after the restart (checkpoints close each epoch)
+        assert trained_keys(sample_log, epoch) == epoch_sample_set(self.config(), epoch)
 
 
 def test_node_lost_mid_run_restarts_on_the_other_node(multinode, bucket, tmp_path):
@@ -167,3 +185,4 @@ def test_driver_killed_while_worker_nodes_live_then_resubmitted_resumes(multinod
     assert summary["steps"] == 3 * STEPS_PER_EPOCH and summary["failures_survived"] == 0, summary
     launches = list(dict.fromkeys(a["launch_id"] for a in job.attempts()))
     assert len(launches) == 2
+
