@@ -2,7 +2,7 @@
 the fault to the first training step after it, steps lost, and the checkpoint overhead.
 
     python -m benchmarks.recovery [--json] [--fault KIND[,KIND...]|all] [--per-class 80] [--epochs 3]
-                                  [--checkpoint-every 4] [--fault-at-step 6] [--drain-deadline 10]
+                                  [--checkpoint-every 4] [--fault-at-step 6] [--drain-deadline 30]
 
     KIND: worker_kill, worker_sigterm, node_loss, node_drain, driver_kill, elastic_grow
 
@@ -234,7 +234,8 @@ def main(argv=None) -> dict:
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--checkpoint-every", type=int, default=4, help="run.checkpoint_every_steps")
     p.add_argument("--fault-at-step", type=int, default=6, help="the fault once rank 0 has printed this step")
-    p.add_argument("--drain-deadline", type=int, default=10, help="seconds from the drain to the node's end")
+    p.add_argument("--drain-deadline", type=int, default=30,
+                   help="seconds from the drain to the node's end (30: a GCE preemption notice; AWS gives 120)")
     p.add_argument("--json", action="store_true", help="print only the JSON result (and Ray's own log lines)")
     args = p.parse_args(argv)
     import ray
