@@ -149,13 +149,15 @@ def checkpoint_step(name: str) -> int:
 
 # -- meta.json: what a tool needs to choose a checkpoint -------------------------------------------------------------
 
-def write_meta(directory: str | Path, *, role: str, step: int, epoch: int, batch: int, score: float | None,
-               metric: str) -> None:
-    """`meta.json` (rank 0, before its manifest, which then covers it). `score` is None for recovery checkpoints."""
+def write_meta(directory: str | Path, *, role: str, step: int, epoch: int, samples: int, score: float | None,
+               metric: str, order: dict | None = None) -> None:
+    """`meta.json` (rank 0, before its manifest, which then covers it). `score` is None for recovery checkpoints.
+    `samples`: samples of `epoch` trained (the global data position); `order`: the training order's fingerprint
+    (data.order_fingerprint), so a resume can be checked without unpickling the state."""
     if role not in ROLES:
         raise ValueError(f"checkpoint role {role!r}; valid: {', '.join(ROLES)}")
-    meta = {"format_version": FORMAT_VERSION, "role": role, "step": step, "epoch": epoch, "batch": batch,
-            "score": score, "metric": metric}
+    meta = {"format_version": FORMAT_VERSION, "role": role, "step": step, "epoch": epoch, "samples": samples,
+            "score": score, "metric": metric, "order": order}
     Path(directory).mkdir(parents=True, exist_ok=True)
     atomic_write_text(Path(directory) / META_FILE, json.dumps(meta, indent=1))
 

@@ -15,6 +15,7 @@ from typing import Any
 import yaml
 
 from data.options import DECODERS
+from data.order import valid_world_sizes
 
 
 class ConfigError(ValueError):
@@ -43,19 +44,14 @@ class DataConfig:
     image_size: int = 224
     # Samples per optimizer step over all ranks (G), fixed for a run: each of the ranks present takes
     # G / ranks (the rank count must divide G). With run.seed and shuffle_buffer_mb it defines the training
-    # order (data/order.py), which no rank or loader-worker count changes. Used by data.TrainLoader.
+    # order (data/order.py), which no rank or loader-worker count changes; the lr follows it (optim.base_lr).
     global_batch_size: int = 256
-    # Per rank, for the loop's current ShardStream (global batch = batch_size x ranks); replaced by
-    # global_batch_size when the loop moves to data.TrainLoader.
-    batch_size: int = 64
-    eval_batch_size: int = 128
+    eval_batch_size: int = 128  # per rank
     loader_workers: int = 4
     # Raw sample bytes the whole job holds for shuffling and read-ahead, each rank its share (budget / ranks):
     # two windows per slot stream, so the shuffle window = budget / (2 x G x mean sample size). Used by
     # data.TrainLoader; ImageNet at G=1024: 4096 MB gives 19-sample windows and 512 MB per rank on 8 ranks.
     shuffle_buffer_mb: float = 1024.0
-    # Samples per loader worker for the loop's current ShardStream; replaced by shuffle_buffer_mb.
-    shuffle_buffer: int = 2000
     # RandomResizedCrop's area range; (0.08, 1) is the Inception/torchvision default for ImageNet.
     crop_scale: list = field(default_factory=lambda: [0.08, 1.0])
     # None, "randaugment" or "trivialaugment" (torchvision references' --auto-augment).
@@ -70,12 +66,11 @@ class DataConfig:
 
 def validate_data(data: DataConfig) -> None:
     """Value checks of the data section, each naming its key."""
-    for key in ("image_size", "global_batch_size", "batch_size", "eval_batch_size", "shuffle_buffer_mb"):
+    for key in ("image_size", "global_batch_size", "eval_batch_size", "shuffle_buffer_mb"):
         if getattr(data, key) <= 0:
             raise ConfigError(f"config key 'data.{key}' must be > 0, got {getattr(data, key)}")
-    for key in ("loader_workers", "shuffle_buffer"):
-        if getattr(data, key) < 0:
-            raise ConfigError(f"config key 'data.{key}' must be >= 0, got {getattr(data, key)}")
+    if data.loader_workers < 0:
+        raise ConfigError(f"config key 'data.loader_workers' must be >= 0, got {data.loader_workers}")
     if not 0 <= data.max_corrupt_fraction <= 1:
         raise ConfigError(f"config key 'data.max_corrupt_fraction' must lie in [0, 1], got {data.max_corrupt_fraction}")
     scale = data.crop_scale
@@ -143,9 +138,16 @@ class RunConfig:
     name: str = "demo"
     # Ray Train storage: local path, s3://bucket/prefix or gs://bucket/prefix.
     storage_path: str = "runs"
-    num_workers: int = 2
+    # Ranks (Ray Train workers): a count, or a range "min,max" (a 2-list in YAML) for Ray Train's elastic scaling:
+    # the run starts with what the cluster has and is restarted at another size when that changes. Every count
+    # of the range must divide data.global_batch_size (docs/fault_tolerance.md, "Elastic runs").
+    num_workers: int | str | list = 2
+    # Elastic runs: how often Ray Train checks whether the cluster fits another rank count (a grow is a restart from
+    # the newest checkpoint). Ray's ScalingConfig.elastic_resize_monitor_interval_s.
+    elastic_resize_interval_s: float = 60.0
     use_gpu: bool = False
-    cpus_per_worker: int = 1
+    # Ray CPUs per rank (and torch threads, at least 1); a fraction packs more ranks than cores (tests: 3 ranks on 2).
+    cpus_per_worker: float = 1
     checkpoint_every_steps: int = 500
     # Evaluated checkpoints kept (the best by score); Ray keeps the latest checkpoint too.
     num_to_keep: int = 3
@@ -160,6 +162,58 @@ class RunConfig:
     address: str | None = None
     # Test hook: stop cleanly (without error) after this many global steps; None = run to the end.
     stop_after_steps: int | None = None
+    # Test hook: a local folder where each rank appends the keys it trains, per step (distributed.loop.SampleLog).
+    sample_log: str | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "num_workers", _worker_counts(self.num_workers))
+
+
+def _worker_counts(value: int | str | list) -> int | list:
+    """run.num_workers as given -> an int, or [min, max] for an elastic range ("2,8", [2, 8]; "4" -> 4)."""
+    raw = value
+    if isinstance(value, str):
+        try:
+            value = [int(v) for v in value.split(",")]
+        except ValueError:
+            value = None
+    if isinstance(value, list) and len(value) == 1:
+        value = value[0]
+    if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+        return value
+    if (isinstance(value, list) and len(value) == 2 and all(isinstance(v, int) and not isinstance(v, bool)
+                                                            for v in value) and 0 < value[0] <= value[1]):
+        return value if value[0] < value[1] else value[0]
+    raise ConfigError(f"config key 'run.num_workers' must be a count > 0 or a range 'min,max' (YAML: [min, max]) "
+                      f"with 0 < min <= max, got {raw!r}")
+
+
+def worker_range(run: RunConfig) -> tuple[int, int]:
+    """(min, max) ranks: equal for a fixed count."""
+    n = run.num_workers
+    return (n, n) if isinstance(n, int) else (n[0], n[1])
+
+
+def per_rank_batch(cfg: "Config", world: int | None = None) -> int:
+    """G / world; `world` defaults to the fixed run.num_workers (DeepSpeed's micro batch, which has no range)."""
+    world = world or worker_range(cfg.run)[0]
+    return cfg.data.global_batch_size // world
+
+
+def check_worker_counts(cfg: "Config") -> None:
+    """Every rank count the run may have must divide the global batch (data.order.check_world): all of min..max,
+    since Ray Train's elastic policy may start or restart the run at any size in the range."""
+    lo, hi = worker_range(cfg.run)
+    g = cfg.data.global_batch_size
+    bad = [n for n in range(lo, hi + 1) if g % n]
+    if bad:
+        valid = valid_world_sizes(g)
+        inside = [n for n in valid if lo <= n <= hi]
+        raise ConfigError(f"config key 'run.num_workers' = {cfg.run.num_workers!r}: data.global_batch_size={g} "
+                          f"cannot be split evenly over {', '.join(map(str, bad[:8]))} ranks; every count of the "
+                          f"range must divide it. Valid counts: {', '.join(map(str, valid[:16]))}"
+                          + (f" (in the range: {', '.join(map(str, inside))})" if inside and lo < hi else "")
+                          + "; or choose a global batch with more divisors (e.g. 240 for 1-6 ranks, 840 for 1-8)")
 
 
 @dataclass(frozen=True)
@@ -186,6 +240,14 @@ class Config:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+# Keys of older versions and what replaced them: named in the unknown-key error.
+RENAMED = {
+    "data.batch_size": "data.global_batch_size, the samples per step over all ranks: the old data.batch_size x "
+                       "run.num_workers",
+    "data.shuffle_buffer": "data.shuffle_buffer_mb, the shuffle budget of the whole job in MB",
+}
 
 
 def _check_type(key: str, value: Any, tp: Any) -> Any:
@@ -220,8 +282,10 @@ def _build(cls: type, data: dict, prefix: str = "") -> Any:
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - set(fields))
     if unknown:
+        key = prefix + unknown[0]
+        hint = f" (replaced by {RENAMED[key]})" if key in RENAMED else ""
         raise ConfigError(
-            f"unknown config key '{prefix}{unknown[0]}'; valid keys here: {', '.join(prefix + k for k in fields)}"
+            f"unknown config key '{key}'{hint}; valid keys here: {', '.join(prefix + k for k in fields)}"
         )
     kwargs = {}
     for name, value in data.items():
@@ -301,12 +365,16 @@ def validate(cfg: Config) -> None:
         if tree[section][key] not in choices:
             raise ConfigError(f"config key '{dotted}' = {tree[section][key]!r}; valid: {', '.join(map(repr, choices))}")
     validate_data(cfg.data)
-    positive = ["run.num_workers", "run.checkpoint_every_steps", "run.log_every_steps", "schedule.epochs",
-                "run.cpus_per_worker"]
+    positive = ["run.checkpoint_every_steps", "run.log_every_steps", "schedule.epochs",
+                "run.cpus_per_worker", "run.elastic_resize_interval_s"]
     for dotted in positive:
         section, key = dotted.split(".")
         if tree[section][key] <= 0:
             raise ConfigError(f"config key '{dotted}' must be > 0, got {tree[section][key]}")
+    check_worker_counts(cfg)
+    if cfg.strategy.name == "deepspeed" and not isinstance(cfg.run.num_workers, int):
+        raise ConfigError(f"config key 'run.num_workers' = {cfg.run.num_workers!r}: a range (elastic) needs "
+                          "strategy.name=ddp; DeepSpeed's ZeRO checkpoints are per rank and load at their own size only")
     if cfg.strategy.name == "ddp" and cfg.strategy.zero_stage:
         raise ConfigError("config key 'strategy.zero_stage' needs strategy.name=deepspeed")
     for dotted, value in (("optim.ema_decay", cfg.optim.ema_decay), ("model.compile", cfg.model.compile or None)):
@@ -338,12 +406,11 @@ def validate_deepspeed_section(cfg: Config) -> None:
     if steps != 1:
         raise ConfigError(f"config key 'strategy.deepspeed.gradient_accumulation_steps' = {steps!r}: gradient "
                           "accumulation is not supported (the loop steps every batch and its lr and schedule "
-                          "assume it); raise data.batch_size or run.num_workers instead")
-    global_batch = cfg.data.batch_size * cfg.run.num_workers
+                          "assume it); raise data.global_batch_size instead")
+    global_batch = cfg.data.global_batch_size
     if "train_batch_size" in ds and ds["train_batch_size"] != global_batch:
         raise ConfigError(f"config key 'strategy.deepspeed.train_batch_size' = {ds['train_batch_size']!r} must equal "
-                          f"data.batch_size x run.num_workers = {global_batch} (no gradient accumulation); "
-                          "leave it out")
+                          f"data.global_batch_size = {global_batch} (no gradient accumulation); leave it out")
 
 
 def dump_yaml(cfg: Config) -> str:

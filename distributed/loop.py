@@ -10,14 +10,16 @@ recovery checkpoint), each epoch end (an evaluated one), on SIGTERM and on a nod
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
 import time
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 import torch.distributed as dist
 
-from data import ShardFormatError, build_loader, normalize
+from data import ShardFormatError, StreamOptions, device_batch
 from distributed.accuracy import AccuracyTally
 from distributed.comm import rank_and_world
 from distributed.config import Config
@@ -30,8 +32,8 @@ from models import split_outputs
 @dataclass
 class TrainState:
     epoch: int = 0  # epoch in progress (== epochs when finished)
-    batch: int = 0  # batches of `epoch` already trained: the data position
-    step: int = 0  # batches trained since the start of the run
+    samples: int = 0  # samples of `epoch` already trained, over all ranks (a multiple of G): the data position
+    step: int = 0  # optimizer steps (global batches) since the start of the run
     skipped_steps: int = 0  # optimizer steps the fp16 loss scaler skipped, as of the last synchronisation
     best_top1: float = 0.0
     best_top5: float = 0.0
@@ -56,47 +58,54 @@ class Phases:
     cfg: Config
     strategy: Any
     device: torch.device
-    steps_per_epoch: int
+    steps_per_epoch: int  # N_train // G, whatever the number of ranks
     num_classes: int
     report: Callable[..., None]  # report(role, values, wait=False); distributed.reporting.Reporter in Ray
     preemption: Any  # .flags() -> (sigterm, drain), .stand_down(step); distributed.preemption.Preemption in Ray
     progress: Progress
     stats: StepStats
     corrupt: int = 0  # corrupt training images of this epoch, all ranks (as of the last synchronisation)
+    sample_log: Any = None  # SampleLog when run.sample_log is set (tests): every trained key, per step and rank
+
+    @property
+    def epoch_samples(self) -> int:
+        """Samples of a whole epoch: steps_per_epoch global batches."""
+        return self.steps_per_epoch * self.cfg.data.global_batch_size
 
 
-def train_loader(cfg: Config, rank: int, world: int):
-    """The loop's one use of the training loader API: built once per worker (the data index is read once);
-    `epoch_batches` positions it at an epoch and batch."""
-    return build_loader(
-        cfg.data.url, "train", batch_size=cfg.data.batch_size, rank=rank, world_size=world, train=True,
-        image_size=cfg.data.image_size, num_workers=cfg.data.loader_workers, seed=cfg.run.seed, epoch=0,
-        start_batch=0, shuffle_buffer=cfg.data.shuffle_buffer, auto_augment=cfg.data.auto_augment,
-        crop_scale=tuple(cfg.data.crop_scale), max_corrupt_fraction=cfg.data.max_corrupt_fraction)
+def stream_options(cfg: Config) -> StreamOptions:
+    """The loaders' settings from the run config (the same for every rank and every launch)."""
+    return StreamOptions.from_config(cfg.data, cfg.run.seed)
 
 
-def epoch_batches(loader, epoch: int, start_batch: int):
-    """This rank's batches of `epoch` from `start_batch` on."""
-    loader.dataset.set_epoch(epoch, start_batch)
-    return loader
+def rng_neutral(batches: Iterable[dict]) -> Iterator[dict]:
+    """Iterate a loader without touching the training RNG: a DataLoader draws its loader workers' base seed from
+    the global generator (and an in-process loader runs in this process), which would shift a resumed run's
+    dropout masks against the uninterrupted run's."""
+    it = None
+    while True:
+        with torch.random.fork_rng(devices=[]):
+            it = iter(batches) if it is None else it
+            batch = next(it, None)
+        if batch is None:
+            return
+        yield batch
 
 
-def val_loader(cfg: Config, rank: int, world: int):
-    """This rank's share of the val split, built once per worker and iterated at every evaluation."""
-    return build_loader(cfg.data.url, "val", batch_size=cfg.data.eval_batch_size, rank=rank, world_size=world,
-                        train=False, image_size=cfg.data.image_size, num_workers=cfg.data.loader_workers,
-                        seed=cfg.run.seed, epoch=0, max_corrupt_fraction=cfg.data.max_corrupt_fraction)
+class SampleLog:
+    """Test hook (run.sample_log): each rank appends, per step, the keys it trained (and the corrupt ones) to
+    `{folder}/samples.rank<r>.jsonl`, so a test can check that an epoch trained every sample exactly once."""
 
+    def __init__(self, folder: str, rank: int) -> None:
+        os.makedirs(folder, exist_ok=True)
+        self.path = os.path.join(folder, f"samples.rank{rank}.jsonl")
+        self.rank = rank
 
-def iterate(loader):
-    """The loader's iterator, made without a draw from the training RNG: a DataLoader draws its workers' base seed
-    from the global generator, which would shift a resumed run's dropout masks against the uninterrupted run's."""
-    with torch.random.fork_rng(devices=[]):
-        return iter(loader)
-
-
-def steps_per_epoch(train_samples: int, cfg: Config, world: int) -> int:
-    return train_samples // world // cfg.data.batch_size
+    def write(self, epoch: int, step: int, world: int, batch: dict) -> None:
+        record = {"epoch": epoch, "step": step, "rank": self.rank, "world": world, "keys": list(batch["key"]),
+                  "corrupt": list(batch["corrupt"])}
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
 
 
 def check_labels(batch: dict, num_classes: int, url: str) -> None:
@@ -112,30 +121,33 @@ def check_labels(batch: dict, num_classes: int, url: str) -> None:
 
 
 def train_one_epoch(ph: Phases, state: TrainState, loader) -> bool:
-    """Train from `state.batch` to the end of the epoch; False when stopped early by run.stop_after_steps.
+    """Train `loader` (a data.TrainLoader) from the position `state.samples` to the end of the epoch; False when
+    stopped early by run.stop_after_steps. Every step is one global batch of G samples, G / world on this rank.
 
     On SIGTERM or a drain notice it checkpoints and hands over to `preemption.stand_down`, which does not return.
     """
     cfg, strategy = ph.cfg, ph.strategy
+    global_batch = cfg.data.global_batch_size
     strategy.train(True)
     t_wait = time.perf_counter()
-    for batch in iterate(loader):
+    for batch in rng_neutral(loader.epoch(state.epoch, state.samples // global_batch)):
         wait = time.perf_counter() - t_wait
         check_labels(batch, ph.num_classes, cfg.data.url)
-        images = normalize(batch["image"], device=ph.device, channels_last=cfg.model.channels_last)
-        labels = batch["label"].to(ph.device, non_blocking=True)
+        batch = device_batch(batch, ph.device, cfg.data.image_size, cfg.model.channels_last)
+        if ph.sample_log is not None:
+            ph.sample_log.write(state.epoch, state.samples // global_batch, loader.world, batch)
         strategy.set_lr(lr_at(cfg, state.optimizer_steps, ph.steps_per_epoch))
-        loss = compute_loss(cfg, strategy.forward(images), labels)
+        loss = compute_loss(cfg, strategy.forward(batch["image"]), batch["label"])
         applied = strategy.step(loss)
         state.step += 1
-        state.batch += 1
+        state.samples += global_batch
         strategy.after_step(state.step)
         ph.stats.add(loss, applied, len(batch["corrupt"]))
         ph.progress.add(len(batch["label"]), wait)
         if not after_step(ph, state):
             return False
         t_wait = time.perf_counter()
-    assert state.batch == ph.steps_per_epoch, (state.batch, ph.steps_per_epoch)  # loader contract: equal on all ranks
+    assert state.samples == ph.epoch_samples, (state.samples, ph.epoch_samples)  # loader contract, on all ranks
     return True
 
 
@@ -153,7 +165,7 @@ def synchronise(ph: Phases, state: TrainState):
 def after_step(ph: Phases, state: TrainState) -> bool:
     """Synchronise at the log cadence, checkpoints and the epoch end; take the checkpoints due. False: stop."""
     run = ph.cfg.run
-    end = state.batch == ph.steps_per_epoch
+    end = state.samples == ph.epoch_samples
     stopping = run.stop_after_steps is not None and state.step >= run.stop_after_steps
     periodic = state.step % run.checkpoint_every_steps == 0 and not end  # the epoch end has its own checkpoint
     if not (end or stopping or periodic or state.step % run.log_every_steps == 0):
@@ -172,14 +184,15 @@ def after_step(ph: Phases, state: TrainState) -> bool:
 
 @torch.no_grad()
 def evaluate(ph: Phases, loader, module=None, lockstep: bool = False) -> dict:
-    """Top-1/top-5 over the whole val split: exact counts summed over ranks, nothing dropped or doubled.
+    """Top-1/top-5 over the whole val split (`loader`: data.eval_loader, the loader jobs.evaluate uses): exact
+    counts summed over ranks, nothing dropped or doubled.
 
     `module`: other weights to evaluate (the EMA); default the trained model. No host read per batch.
     """
     cfg, strategy = ph.cfg, ph.strategy
     strategy.train(False)
     tally = AccuracyTally(ph.num_classes, ph.device)
-    batches = iterate(loader)
+    batches = rng_neutral(loader)
     n_batches = len(loader)
     if lockstep:  # ZeRO-3 gathers weights collectively: every rank must run as many forwards
         most = torch.tensor([n_batches], device=ph.device)
@@ -190,10 +203,9 @@ def evaluate(ph: Phases, loader, module=None, lockstep: bool = False) -> dict:
         if batch is None:  # this rank is done; keep the collective in step with a throwaway forward
             strategy.eval_forward(torch.zeros(1, 3, cfg.data.image_size, cfg.data.image_size, device=ph.device))
             continue
+        batch = device_batch(batch, ph.device, cfg.data.image_size, cfg.model.channels_last)
         tally.corrupt += len(batch["corrupt"])
-        images = normalize(batch["image"], device=ph.device, channels_last=cfg.model.channels_last)
-        labels = batch["label"].to(ph.device, non_blocking=True)
-        tally.add_logits(split_outputs(strategy.eval_forward(images, module))[0], labels)
+        tally.add_logits(split_outputs(strategy.eval_forward(batch["image"], module))[0], batch["label"])
     tally.all_reduce()
     t = tally.totals()
     if t["samples"] == 0:

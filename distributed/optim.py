@@ -2,9 +2,11 @@
 references/classification recipe: SGD or AdamW, no decay on norm and bias, linear scaling, warm-up then cosine or
 step decay, `--model-ema` with its decay adjustment and warm-up).
 
-The schedule is a pure function of the optimizer steps actually taken (`lr_at`): the loop sets the lr before
-every step, the same way for DDP and DeepSpeed, and a resumed run recomputes it from the config and the step
-count in the checkpoint; no scheduler state is saved or restored.
+The schedule is a pure function of the optimizer steps actually taken (`lr_at`), each a global batch of
+`data.global_batch_size` samples, and of steps_per_epoch = N_train // G: neither depends on the number of ranks.
+The loop sets the lr before every step, the same way for DDP and DeepSpeed, and a resumed run (at any world size)
+recomputes it from the current config and the step count in the checkpoint; no scheduler state is saved or
+restored.
 """
 from __future__ import annotations
 
@@ -26,7 +28,8 @@ def param_groups(model: nn.Module, weight_decay: float, decay_norm_and_bias: boo
 
 
 def global_batch(cfg: Config) -> int:
-    return cfg.data.batch_size * cfg.run.num_workers
+    """G: fixed for the run whatever the number of ranks (each takes G / ranks), so the lr is too."""
+    return cfg.data.global_batch_size
 
 
 def peak_lr(cfg: Config) -> float:

@@ -1,6 +1,7 @@
 """Checks before any worker starts, so a bad setting fails in seconds with a clear message, not after an hour.
 
-Storage (reachable, bucket present, writable), a resumed run's settings (those its checkpoints depend on),
+Storage (reachable, bucket present, writable), a resumed run's settings (those its checkpoints depend on, and the
+training order its data position belongs to),
 data (index readable, splits present, class count matching the model), resources (GPUs and CPUs a local Ray
 can give) and the DeepSpeed config (validated offline with DeepSpeed's own `DeepSpeedConfig`, plus a check
 that it reads every top-level key).
@@ -11,9 +12,12 @@ import uuid
 
 import yaml
 
-from data import read_index
-from distributed.config import Config, ConfigError
-from distributed.run_folder import RunFolder
+from data import read_index, train_fingerprint
+from distributed import checkpoint as ckpt
+from distributed.config import Config, ConfigError, worker_range
+from distributed.loop import stream_options
+from distributed.resume import check_resumable
+from distributed.run_folder import RunFolder, join
 
 
 class PreflightError(RuntimeError):
@@ -70,6 +74,21 @@ def check_resume_settings(cfg: Config, run_uri: str) -> None:
                              "resume it with its own settings, or start a new run.name")
 
 
+def check_resume_order(cfg: Config, run_uri: str) -> None:
+    """The checkpoint a launch would continue from (the run's newest, else resume_from) must hold a global sample
+    position and the training order of this config (seed, index, global batch, shuffle budget): read from its
+    meta.json, so a refusal comes before any worker starts (the worker checks the state it loads again)."""
+    names = ckpt.list_checkpoints(run_uri)
+    url = join(run_uri, names[0]) if names else cfg.resume_from
+    if not url:
+        return
+    meta = ckpt.read_meta(url) or {}
+    try:
+        check_resumable(meta, train_fingerprint(stream_options(cfg)), url)
+    except ckpt.CheckpointError as e:
+        raise PreflightError(str(e)) from None
+
+
 def check_model(cfg: Config, num_classes: int) -> None:
     """Build the model on the meta device (no memory, no compute): a bad name or argument fails here."""
     import torch
@@ -87,10 +106,10 @@ def check_data(cfg: Config) -> int:
         if split not in index.splits or index.splits[split].samples == 0:
             raise PreflightError(f"data index {cfg.data.url}: split '{split}' is missing or empty; "
                                  "run `python -m jobs.prepare` with that split")
-    per_rank = index.splits["train"].samples // cfg.run.num_workers
-    if per_rank < cfg.data.batch_size:
-        raise ConfigError(f"data.batch_size={cfg.data.batch_size} is larger than the {per_rank} training samples "
-                          f"each of the {cfg.run.num_workers} workers gets from {cfg.data.url}")
+    train = index.splits["train"].samples
+    if train < cfg.data.global_batch_size:
+        raise ConfigError(f"data.global_batch_size={cfg.data.global_batch_size} is larger than the {train} training "
+                          f"samples of {cfg.data.url}: an epoch would have no step")
     return len(index.classes)
 
 
@@ -100,15 +119,16 @@ def check_resources(cfg: Config, local: bool) -> None:
 
     have = ray.cluster_resources()
     gpus = have.get("GPU", 0)
-    if cfg.run.use_gpu and local and gpus < cfg.run.num_workers:
+    least = worker_range(cfg.run)[0]  # an elastic run starts with its minimum
+    if cfg.run.use_gpu and local and gpus < least:
         raise PreflightError(f"run.use_gpu=true with run.num_workers={cfg.run.num_workers}, but this Ray has "
                              f"{gpus:g} GPUs; set run.use_gpu=false or run on a GPU cluster")
     if cfg.run.use_gpu and gpus == 0:
-        print(f"note: the cluster has no GPU yet; waiting for the autoscaler to add {cfg.run.num_workers}", flush=True)
-    cpus = cfg.run.num_workers * cfg.run.cpus_per_worker
+        print(f"note: the cluster has no GPU yet; waiting for the autoscaler to add {least}", flush=True)
+    cpus = least * cfg.run.cpus_per_worker
     if local and have.get("CPU", 0) < cpus:
-        raise PreflightError(f"run.num_workers={cfg.run.num_workers} x run.cpus_per_worker={cfg.run.cpus_per_worker}"
-                             f" needs {cpus} CPUs, but this Ray has {have.get('CPU', 0):g}; lower them")
+        raise PreflightError(f"run.num_workers={cfg.run.num_workers} x run.cpus_per_worker={cfg.run.cpus_per_worker:g}"
+                             f" needs {cpus:g} CPUs, but this Ray has {have.get('CPU', 0):g}; lower them")
 
 
 class _ReadTracking(dict):
@@ -165,6 +185,7 @@ def preflight(cfg: Config, run_uri: str, local: bool = True) -> None:
     check_storage(run_uri)
     check_resume_settings(cfg, run_uri)
     num_classes = check_data(cfg)
+    check_resume_order(cfg, run_uri)
     check_model(cfg, num_classes)
     check_resources(cfg, local)
     if cfg.strategy.name == "deepspeed":

@@ -73,8 +73,8 @@ class Reporter:
         self.strategy.save(Path(directory), payload, rank)
         writes = rank < self.strategy.checkpoint_writers
         if rank == 0:
-            ckpt.write_meta(directory, role=role, step=state.step, epoch=state.epoch, batch=state.batch,
-                            score=score, metric=metric)
+            ckpt.write_meta(directory, role=role, step=state.step, epoch=state.epoch, samples=state.samples,
+                            score=score, metric=metric, order=self.extra.get("order"))
         if writes:
             ckpt.write_manifest(directory, rank, world, writers=self.strategy.checkpoint_writers)
         else:

@@ -24,8 +24,24 @@ import fsspec
 import torch.distributed as dist
 from fsspec.implementations.local import LocalFileSystem
 
+from data import check_same_order
 from distributed import checkpoint as ckpt
 from distributed.run_folder import join
+
+
+def check_resumable(saved: dict, order: dict, where: str) -> None:
+    """A checkpoint continues this run only with a global sample position (`samples`, written since the training
+    order stopped depending on the world size) and the same training `order` (data.order_fingerprint: index, seed,
+    global batch, shuffle budget). `saved`: the checkpoint's state or its meta.json. Raises CheckpointError."""
+    if "samples" not in saved or "order" not in saved:
+        raise ckpt.CheckpointError(
+            f"checkpoint {where} was written by an older version: its data position is (epoch, batch of one rank), "
+            "which cannot be continued exactly (and not at another world size) by the current loader. Start a new "
+            "run.name, or set resume_from to a checkpoint written by this version")
+    try:
+        check_same_order(saved["order"], order)
+    except ValueError as e:
+        raise ckpt.CheckpointError(f"checkpoint {where}: {e}") from None
 
 
 @dataclass(frozen=True)

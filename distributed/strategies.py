@@ -16,7 +16,7 @@ import torch.distributed as dist
 from torch import nn
 
 from distributed import checkpoint as ckpt
-from distributed.config import Config, ConfigError
+from distributed.config import Config, ConfigError, per_rank_batch
 from distributed.optim import WeightEma, build_optimizer, set_lr
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -125,7 +125,7 @@ def deepspeed_config(cfg: Config) -> dict:
     strategy.deepspeed.torch_autocast.lower_precision_safe_modules to choose bf16 communication explicitly.
     """
     ds = {
-        "train_micro_batch_size_per_gpu": cfg.data.batch_size,
+        "train_micro_batch_size_per_gpu": per_rank_batch(cfg),
         "gradient_accumulation_steps": 1,
         "zero_optimization": {"stage": cfg.strategy.zero_stage},
         # Our optimizer is plain torch SGD/AdamW; DeepSpeed asks to confirm it for ZeRO.

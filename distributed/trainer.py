@@ -10,11 +10,17 @@ import uuid
 from data import read_index
 from distributed import checkpoint as ckpt
 from distributed.cluster import init_ray
-from distributed.config import Config, dump_yaml
+from distributed.config import Config, dump_yaml, worker_range
 from distributed.metrics import read_metrics, write_metrics_jsonl
 from distributed.reporting import SCORE, score_metric
 from distributed.run_folder import RunFolder, join, storage_filesystem, storage_uri
 from distributed.worker import train_loop_per_worker
+
+
+def scaling_workers(cfg: Config) -> int | tuple[int, int]:
+    """run.num_workers as Ray Train 2.60's ScalingConfig takes it: a count, or (min, max) for elastic training."""
+    lo, hi = worker_range(cfg.run)
+    return lo if lo == hi else (lo, hi)
 
 
 def build_trainer(cfg: Config, run_uri: str, launch_id: str):
@@ -30,8 +36,12 @@ def build_trainer(cfg: Config, run_uri: str, launch_id: str):
         train_loop_per_worker,
         train_loop_config={"cfg": cfg.to_dict(), "run_uri": run_uri, "launch_id": launch_id},
         torch_config=TorchConfig(backend="nccl" if cfg.run.use_gpu else "gloo"),
-        scaling_config=ScalingConfig(num_workers=cfg.run.num_workers, use_gpu=cfg.run.use_gpu,
-                                     resources_per_worker=resources),
+        # A range (min, max) is Ray Train's elastic scaling: it starts the worker group with as many ranks as the
+        # cluster can place and restarts it from the latest checkpoint when that number changes
+        # (docs/fault_tolerance.md, "Elastic runs"); the loop then continues the epoch at the new size.
+        scaling_config=ScalingConfig(num_workers=scaling_workers(cfg), use_gpu=cfg.run.use_gpu,
+                                     resources_per_worker=resources,
+                                     elastic_resize_monitor_interval_s=cfg.run.elastic_resize_interval_s),
         run_config=RunConfig(
             name=cfg.run.name,
             storage_path=storage_path,
@@ -60,8 +70,9 @@ def fit(cfg: Config) -> dict:
     run = RunFolder(run_uri)
     run.write_text("config.yaml", dump_yaml(cfg))
     launch_id = uuid.uuid4().hex
-    print(f"run {cfg.run.name}: {cfg.model.name}, {cfg.strategy.name}, {cfg.run.num_workers} workers "
-          f"({where} Ray), run folder {run_uri}", flush=True)
+    lo, hi = worker_range(cfg.run)
+    print(f"run {cfg.run.name}: {cfg.model.name}, {cfg.strategy.name}, {lo if lo == hi else f'{lo}-{hi}'} workers, "
+          f"global batch {cfg.data.global_batch_size} ({where} Ray), run folder {run_uri}", flush=True)
     start = time.time()
     result = build_trainer(cfg, run_uri, launch_id).fit()
     summary = build_summary(cfg, run, result, launch_id, time.time() - start)
@@ -70,11 +81,27 @@ def fit(cfg: Config) -> dict:
     return summary
 
 
+def run_shapes(attempts: list[dict]) -> list[dict]:
+    """Each shape the run had, in order, over every launch: ranks, per-rank batch and loader workers from the step
+    an attempt started at (consecutive attempts of one shape are one entry)."""
+    shapes: list[dict] = []
+    for a in attempts:
+        world, g = a.get("world_size"), a.get("global_batch_size")
+        shape = {"world_size": world, "per_rank_batch": g // world if g and world else None,
+                 "loader_workers": a.get("loader_workers")}
+        if not shapes or {k: shapes[-1][k] for k in shape} != shape:
+            shapes.append({**shape, "from_step": a["restored_step"]})
+    return shapes
+
+
 def summarize_attempts(run: RunFolder, launch_id: str) -> dict:
-    attempts = [a for a in run.read_jsonl("attempts.jsonl") if a["launch_id"] == launch_id]
+    every = run.read_jsonl("attempts.jsonl")
+    attempts = [a for a in every if a["launch_id"] == launch_id]
     return {"failures_survived": max(0, len(attempts) - 1),
             "params": attempts[-1]["params"] if attempts else None,
-            "started_from": attempts[0]["restored_from"] if attempts else None}
+            "started_from": attempts[0]["restored_from"] if attempts else None,
+            "world_size": attempts[-1]["world_size"] if attempts else None,
+            "shapes": run_shapes(every)}
 
 
 def best_checkpoint(run: RunFolder) -> dict:
@@ -108,8 +135,8 @@ def build_summary(cfg: Config, run: RunFolder, result, launch_id: str, wall: flo
         "model": cfg.model.name,
         "strategy": cfg.strategy.name,
         "precision": cfg.strategy.precision,
-        "world_size": cfg.run.num_workers,
-        **summarize_attempts(run, launch_id),
+        "global_batch_size": cfg.data.global_batch_size,
+        **summarize_attempts(run, launch_id),  # world_size: the last attempt's; shapes: every one the run had
         "epochs": final["epoch"] if final else 0,
         "steps": final["step"] if final else 0,
         **_eval_figures(evals),

@@ -9,16 +9,15 @@ import ray.train
 import ray.train.torch
 import torch
 
-from data import read_index
+from data import TrainLoader, eval_loader
 from distributed.comm import rank_and_world, restore_rng, seed_rank
-from distributed.config import Config, ConfigError, config_from_dict
-from distributed.loop import (Phases, TrainState, epoch_batches, evaluate, steps_per_epoch, train_loader,
-                              train_one_epoch, val_loader)
+from distributed.config import Config, config_from_dict, per_rank_batch
+from distributed.loop import Phases, SampleLog, TrainState, evaluate, stream_options, train_one_epoch
 from distributed.model import build_model
 from distributed.monitor import Progress, StepStats
 from distributed.preemption import Preemption, install_sigterm_handler
 from distributed.reporting import Reporter, score_metric
-from distributed.resume import Resume, resolve_checkpoint
+from distributed.resume import Resume, check_resumable, resolve_checkpoint
 from distributed.run_folder import RunFolder
 from distributed.strategies import build_strategy
 from distributed.tracking import metrics_log
@@ -27,7 +26,7 @@ from distributed.tracking import metrics_log
 def configure_runtime(cfg: Config, device: torch.device) -> None:
     """Threads on CPU; on GPU cudnn.benchmark and TF32 unless run.deterministic (docs/training.md, GPU checklist)."""
     if device.type == "cpu":
-        torch.set_num_threads(cfg.run.cpus_per_worker)
+        torch.set_num_threads(max(1, int(cfg.run.cpus_per_worker)))
     if cfg.run.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
         torch.backends.cudnn.benchmark = False
@@ -39,8 +38,10 @@ def configure_runtime(cfg: Config, device: torch.device) -> None:
         torch.backends.cudnn.allow_tf32 = tf32
 
 
-def restore(cfg: Config, strategy, state: TrainState, run_uri: str, device: torch.device) -> tuple[Resume, str]:
+def restore(cfg: Config, strategy, state: TrainState, run_uri: str, device: torch.device,
+            order: dict) -> tuple[Resume, str]:
     """Restore everything from the run's newest good checkpoint (or `resume_from`); else seed this rank.
+    A checkpoint without a global sample position, or of another training `order`, is refused (check_resumable).
 
     Returns the `Resume` (where from, the names for the next checkpoints) and how the RNG state was set.
     """
@@ -53,6 +54,7 @@ def restore(cfg: Config, strategy, state: TrainState, run_uri: str, device: torc
             seed_rank(cfg.run.seed, rank)
             return resume, "seed+rank"
         saved = strategy.load(resume.directory)
+    check_resumable(saved, order, resume.source)
     state.restore(saved)
     return resume, restore_rng(saved.get("rng"), cfg.run.seed, state.step, device)
 
@@ -71,7 +73,7 @@ def end_of_epoch(ph: Phases, state: TrainState, reporter: Reporter, metrics, val
         state.best_top1, state.best_top5 = result["val_top1"], result["val_top5"]
     state.best_score = max(state.best_score, score)
     state.epoch += 1
-    state.batch = 0
+    state.samples = 0
     if metrics is not None:
         metrics.log({"kind": "eval", "epoch": state.epoch, "step": state.step, **result, "score": score,
                      "corrupt_train": ph.corrupt})
@@ -84,7 +86,8 @@ def end_of_epoch(ph: Phases, state: TrainState, reporter: Reporter, metrics, val
 
 
 def start_attempt(config: dict, state: TrainState, resume: Resume, rng: str, params: int, spe: int):
-    """Rank 0: record the attempt in attempts.jsonl and open the metrics log; returns it (None on other ranks)."""
+    """Rank 0: record the attempt (with its shape: ranks, per-rank batch, loader workers) in attempts.jsonl and
+    open the metrics log; returns it (None on other ranks)."""
     cfg = config_from_dict(config["cfg"])
     rank, world = rank_and_world()
     if rank != 0:
@@ -94,37 +97,39 @@ def start_attempt(config: dict, state: TrainState, resume: Resume, rng: str, par
     metrics = metrics_log(cfg, run, len(attempts), state.step)  # MLflow too with tracking.backend
     run.write_jsonl("attempts.jsonl", attempts + [{
         "launch_id": config["launch_id"], "time": time.time(), "restored_from": resume.source,
-        "restored_step": state.step, "rng": rng, "params": params, "world_size": world}])
-    print(f"rank 0: {cfg.model.name} ({params:,} params), {world} workers, {spe} steps/epoch, start at epoch "
-          f"{state.epoch} batch {state.batch} (step {state.step}, from {resume.source})", flush=True)
+        "restored_step": state.step, "rng": rng, "params": params, "world_size": world,
+        "global_batch_size": cfg.data.global_batch_size, "loader_workers": cfg.data.loader_workers}])
+    print(f"rank 0: {cfg.model.name} ({params:,} params), {world} workers x {per_rank_batch(cfg, world)} = global "
+          f"batch {cfg.data.global_batch_size}, {spe} steps/epoch, start at epoch {state.epoch} sample "
+          f"{state.samples} (step {state.step}, from {resume.source})", flush=True)
     return metrics
 
 
 def train_loop_per_worker(config: dict) -> None:
     cfg = config_from_dict(config["cfg"])
     install_sigterm_handler()
-    rank, world = rank_and_world()
+    rank, world = rank_and_world()  # under elastic scaling, the size Ray started this attempt with
     device = ray.train.torch.get_device()
     configure_runtime(cfg, device)
-    index = read_index(cfg.data.url)
-    spe = steps_per_epoch(index.splits["train"].samples, cfg, world)
-    if spe == 0:
-        raise ConfigError(f"data.batch_size={cfg.data.batch_size} x {world} workers exceeds the "
-                          f"{index.splits['train'].samples} training samples in {cfg.data.url}")
+    opts = stream_options(cfg)
+    train = TrainLoader(opts, rank, world)  # once per rank: its loader workers persist across epochs
+    val = eval_loader(opts, rank, world)  # the loader jobs.evaluate uses: the same top-1 for the same weights
+    spe, num_classes = train.steps_per_epoch, train.index.num_classes
     torch.manual_seed(cfg.run.seed)  # same initial weights on every rank and every launch
-    model = build_model(cfg, len(index.classes))
+    model = build_model(cfg, num_classes)
     strategy = build_strategy(cfg, model, device, spe)
     state = TrainState()
-    resume, rng = restore(cfg, strategy, state, config["run_uri"], device)
+    resume, rng = restore(cfg, strategy, state, config["run_uri"], device, train.fingerprint)
     metrics = start_attempt(config, state, resume, rng, sum(p.numel() for p in model.parameters()), spe)
-    reporter = Reporter(cfg, strategy, state, device, metrics, {"launch_id": config["launch_id"]},
+    reporter = Reporter(cfg, strategy, state, device, metrics,
+                        {"launch_id": config["launch_id"], "order": train.fingerprint, "world_size": world},
                         resume.checkpoint_name)
-    ph = Phases(cfg, strategy, device, spe, len(index.classes), reporter, Preemption(),
-                Progress(cfg, world, cfg.schedule.epochs * spe, metrics), StepStats(device, state.step))
+    ph = Phases(cfg, strategy, device, spe, num_classes, reporter, Preemption(),
+                Progress(cfg, world, cfg.schedule.epochs * spe, metrics), StepStats(device, state.step),
+                sample_log=SampleLog(cfg.run.sample_log, rank) if cfg.run.sample_log else None)
     lockstep = cfg.strategy.name == "deepspeed" and cfg.strategy.zero_stage == 3
-    train, val = train_loader(cfg, rank, world), val_loader(cfg, rank, world)
     while state.epoch < cfg.schedule.epochs:
-        if not train_one_epoch(ph, state, epoch_batches(train, state.epoch, state.batch)):
+        if not train_one_epoch(ph, state, train):
             break
         end_of_epoch(ph, state, reporter, metrics, val, lockstep)
     if metrics is not None:

@@ -199,13 +199,13 @@ def ray_local(s3_server):
 
 # -- a tiny training setup (as in tests/test_train_ray.py): 4 steps per epoch, 20-40 s per run on 2 cores --------
 
-TINY = ["data.image_size=32", "data.batch_size=8", "data.eval_batch_size=16", "data.loader_workers=1",
+TINY = ["data.image_size=32", "data.global_batch_size=16", "data.eval_batch_size=16", "data.loader_workers=1",
         "schedule.epochs=2", "schedule.warmup_epochs=0.5", "run.checkpoint_every_steps=2", "run.log_every_steps=2"]
 
 
 @pytest.fixture(scope="session")
 def shards(tmp_path_factory):
-    """3 classes x 24 train images (one truncated, excluded by prepare) -> 35 per rank -> 4 steps/epoch."""
+    """3 classes x 24 train images (one truncated, excluded by prepare) -> 35 -> 71 // 16 = 4 steps/epoch."""
     from data import make_sample, prepare_dataset
 
     root = tmp_path_factory.mktemp("sample")

@@ -40,7 +40,7 @@ RAY_CLI = str(Path(sys.executable).parent / "ray")
 TRAIN_WORKER = "RayTrainWorker"  # in the process title of Ray Train's worker actors
 # What a driver of `jobs.train` prints: where each attempt starts (distributed/worker.py) and each progress line
 # (distributed/monitor.py; every step with run.log_every_steps=1).
-ATTEMPT_START = re.compile(r"rank 0: .* start at epoch \d+ batch \d+ \(step (\d+), from (\S+)\)")
+ATTEMPT_START = re.compile(r"rank 0: .* start at epoch \d+ (?:batch|sample) \d+ \(step (\d+), from (\S+)\)")
 STEP_LINE = re.compile(r"epoch \d+/\d+ step (\d+)/\d+ loss")
 
 

@@ -46,7 +46,7 @@ def test_ddp_checkpoint_round_trips_every_field(tmp_path):
     cfg = load_config("configs/demo.yaml", ["model.name=resnet50", "model.kwargs={}", "optim.ema_decay=0.9"])
     src = _strategy(cfg)
     _train_steps(src, cfg, 3)
-    extra = {"epoch": 1, "batch": 3, "step": 13, "best_top1": 0.5, "config": cfg.to_dict(),
+    extra = {"epoch": 1, "samples": 48, "step": 13, "best_top1": 0.5, "config": cfg.to_dict(),
              "rng": {"torch": torch.get_rng_state()}, "launch_id": "abc"}
     src.save(tmp_path, extra, rank=0)
     ckpt.write_manifest(tmp_path, rank=0, world_size=1)
@@ -140,13 +140,15 @@ def test_no_weight_decay_on_norm_and_bias():
     decay, no_decay = opt.param_groups
     assert all(p.ndim > 1 for p in decay["params"]) and all(p.ndim <= 1 for p in no_decay["params"])
     assert no_decay["weight_decay"] == 0.0 and decay["weight_decay"] == cfg.optim.weight_decay
-    # lr scales with the global batch: base_lr per 256.
-    assert decay["lr"] == pytest.approx(cfg.optim.base_lr * cfg.data.batch_size * cfg.run.num_workers / 256)
+    # lr scales with the global batch: base_lr per 256 (G, not the rank count: G is fixed for a run).
+    assert decay["lr"] == pytest.approx(cfg.optim.base_lr * cfg.data.global_batch_size / 256)
+    assert build_optimizer(load_config(None, ["model.name=resnet50", "run.num_workers=4"]), model).param_groups[0][
+        "lr"] == decay["lr"]
 
 
 def _checkpoint(directory, step, role, score):
     ckpt.save_state(directory, {"step": step})
-    ckpt.write_meta(directory, role=role, step=step, epoch=step // 4, batch=step % 4, score=score, metric="val_top1")
+    ckpt.write_meta(directory, role=role, step=step, epoch=step // 4, samples=step % 4 * 16, score=score, metric="val_top1")
     ckpt.write_manifest(directory, rank=0, world_size=1)
 
 

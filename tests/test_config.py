@@ -2,7 +2,7 @@ import glob
 
 import pytest
 
-from distributed.config import Config, ConfigError, load_config, parse_override
+from distributed.config import Config, ConfigError, config_from_dict, load_config, parse_override
 
 
 def test_defaults_and_yaml_round_trip(tmp_path):
@@ -42,9 +42,17 @@ def test_unknown_section():
 
 
 @pytest.mark.parametrize("override, fragment", [
-    ("data.batch_size=abc", "data.batch_size': expected int"),
+    ("data.global_batch_size=abc", "data.global_batch_size': expected int"),
     ("run.use_gpu=1", "run.use_gpu': expected true/false"),
-    ("data.batch_size=0", "data.batch_size' must be > 0"),
+    ("data.global_batch_size=0", "data.global_batch_size' must be > 0"),
+    ("data.batch_size=16", "unknown config key 'data.batch_size' (replaced by data.global_batch_size"),
+    ("data.shuffle_buffer=500", "unknown config key 'data.shuffle_buffer' (replaced by data.shuffle_buffer_mb"),
+    ("run.num_workers=0", "'run.num_workers' must be a count > 0 or a range 'min,max'"),
+    ("run.num_workers=3,1", "'run.num_workers' must be a count > 0 or a range 'min,max'"),
+    ("run.num_workers=3", "data.global_batch_size=32 cannot be split evenly over 3 ranks; every count of the range "
+                          "must divide it. Valid counts: 1, 2, 4, 8, 16, 32"),
+    ("run.num_workers=2,4", "data.global_batch_size=32 cannot be split evenly over 3 ranks; every count of the "
+                            "range must divide it. Valid counts: 1, 2, 4, 8, 16, 32 (in the range: 2, 4)"),
     ("strategy.name=horovod", "valid: 'ddp', 'deepspeed'"),
     ("strategy.precision=fp8", "strategy.precision"),
     ("strategy.zero_stage=2", "needs strategy.name=deepspeed"),
@@ -65,6 +73,7 @@ def test_bad_values_name_the_key(override, fragment):
      "fp16 with strategy.name=deepspeed needs strategy.zero_stage=0 (got 2)"),
     (["strategy.name=deepspeed", "strategy.deepspeed={gradient_accumulation_steps: 2}"],
      "gradient accumulation is not supported"),
+    (["strategy.name=deepspeed", "run.num_workers=1,2"], "a range (elastic) needs strategy.name=ddp"),
     (["strategy.name=deepspeed", "strategy.deepspeed={bf16: {enabled: true}}"],
      "'strategy.deepspeed.bf16' is not accepted: set strategy.precision"),
 ])
@@ -91,3 +100,15 @@ def test_config_is_frozen():
     cfg = load_config(None)
     with pytest.raises(Exception):
         cfg.model.name = "x"
+
+
+@pytest.mark.parametrize("value, expected, ray", [
+    ("4", 4, 4), ("1,4", [1, 4], (1, 4)), ("[2, 4]", [2, 4], (2, 4)), ("[2, 2]", 2, 2)])
+def test_num_workers_takes_a_count_or_an_elastic_range(value, expected, ray):
+    """A range (from --set as "min,max", or a YAML list) becomes Ray Train's ScalingConfig(num_workers=(min, max))
+    when every count in it divides the global batch (12: 1, 2, 3, 4 all do)."""
+    from distributed.trainer import scaling_workers
+
+    cfg = load_config("configs/demo.yaml", [f"run.num_workers={value}", "data.global_batch_size=12"])
+    assert cfg.run.num_workers == expected and scaling_workers(cfg) == ray
+    assert config_from_dict(cfg.to_dict()) == cfg  # what the workers receive: the normalised value survives

@@ -57,7 +57,7 @@ def _train_and_save(cfg, directory: Path):
     images, labels = torch.randint(0, 256, (4, 3, SIZE, SIZE), dtype=torch.uint8), torch.tensor([0, 1, 2, 0])
     strategy.step(compute_loss(cfg, strategy.forward(normalize(images)), labels))
     directory.mkdir(parents=True)
-    strategy.save(directory, {"config": cfg.to_dict(), "epoch": 0, "batch": 1, "step": 1}, rank=0)
+    strategy.save(directory, {"config": cfg.to_dict(), "epoch": 0, "samples": 32, "step": 1}, rank=0)
     ckpt.write_manifest(directory, rank=0, world_size=1, writers=strategy.checkpoint_writers)
     return strategy
 

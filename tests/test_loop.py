@@ -47,8 +47,20 @@ def batches(n: int, seed: int, size: int = 16, b: int = 4) -> list[dict]:
              "corrupt": []} for _ in range(n)]
 
 
+class ListLoader:
+    """TrainLoader's interface over a list of batches: `epoch(epoch, start_step)` yields the batches from there."""
+
+    world = 1
+
+    def __init__(self, batches: list[dict]):
+        self.batches = batches
+
+    def epoch(self, epoch: int, start_step: int = 0):
+        return iter(self.batches[start_step:])
+
+
 def config(*extra: str):
-    return load_config("configs/demo.yaml", ["data.image_size=16", "data.batch_size=4", "run.num_workers=1",
+    return load_config("configs/demo.yaml", ["data.image_size=16", "data.global_batch_size=4", "run.num_workers=1",
                                              "schedule.epochs=2", "schedule.warmup_epochs=0.5",
                                              "run.checkpoint_every_steps=100", "run.log_every_steps=4", *extra])
 
@@ -104,7 +116,7 @@ def test_one_host_read_per_log_interval_on_the_fp16_path():
     ph = phases(cfg, strategy, state, 8)
     ema_before = [p.clone() for p in strategy.ema.module.parameters()]
     with count_host_reads() as counts:
-        assert train_one_epoch(ph, state, batches(8, seed=1))
+        assert train_one_epoch(ph, state, ListLoader(batches(8, seed=1)))
     assert counts["n"] == 2 and state.step == 8
     with count_host_reads() as counts:
         result = evaluate(ph, batches(5, seed=2))
@@ -149,7 +161,7 @@ def test_lr_advances_by_optimizer_steps_taken(monkeypatch):
     applied = [1, 0, 0, 1, 1, 1, 0, 1]
     strategy = ScriptedStrategy(applied, [1.0] * 8)
     state = TrainState()
-    assert train_one_epoch(phases(cfg, strategy, state, 8), state, batches(8, seed=0))
+    assert train_one_epoch(phases(cfg, strategy, state, 8), state, ListLoader(batches(8, seed=0)))
     # Reads after steps 2, 4, 6, 8: skipped totals 1, 2, 2, 3 known from then on.
     known_skips = [0, 0, 1, 1, 2, 2, 2, 2]
     assert strategy.lrs == pytest.approx([lr_at(cfg, s - k, 8) for s, k in enumerate(known_skips)])
@@ -167,16 +179,16 @@ def test_a_nan_loss_stops_the_run_naming_its_step(monkeypatch):
     state = TrainState()
     report = Recorder(state)
     with pytest.raises(NonFiniteLossError, match="non-finite at step 3 "):
-        train_one_epoch(phases(cfg, strategy, state, 8, report), state, batches(8, seed=0))
+        train_one_epoch(phases(cfg, strategy, state, 8, report), state, ListLoader(batches(8, seed=0)))
     assert state.step == 4 and report.calls == []  # found at the first read, before any checkpoint
 
 
 def test_weight_ema_follows_torchvision():
-    cfg = config("optim.ema_decay=0.99998", "optim.ema_steps=32", "schedule.epochs=600", "data.batch_size=128",
-                 "run.num_workers=8", "schedule.warmup_epochs=1")
+    cfg = config("optim.ema_decay=0.99998", "optim.ema_steps=32", "schedule.epochs=600",
+                 "data.global_batch_size=1024", "run.num_workers=8", "schedule.warmup_epochs=1")
     model = TinyNet()
     ema = WeightEma(cfg, model, steps_per_epoch=64)
-    # torchvision: adjust = world * batch * ema_steps / epochs; alpha = min(1, (1 - decay) * adjust)
+    # torchvision: adjust = world * batch (= G) * ema_steps / epochs; alpha = min(1, (1 - decay) * adjust)
     assert ema.decay == pytest.approx(1 - (1 - 0.99998) * 8 * 128 * 32 / 600)
     with torch.no_grad():
         model.fc.weight.add_(1.0)
@@ -219,7 +231,7 @@ def _two_ranks(rank: int, port: int, out: str) -> None:
 
     reporter = Reporter(cfg, strategy, state, torch.device("cpu"), send=send)
     ph = phases(cfg, strategy, state, 4, reporter)
-    assert not train_one_epoch(ph, state, batches(4, seed=10 + rank))  # different data per rank: other BN stats
+    assert not train_one_epoch(ph, state, ListLoader(batches(4, seed=10 + rank)))  # different data per rank: other BN stats
     torch.save({k: v for k, v in strategy.module.state_dict().items() if "running" in k},
                os.path.join(out, f"bn.rank{rank}.pt"))
     dist.destroy_process_group()
@@ -240,8 +252,8 @@ def test_bn_statistics_are_averaged_before_a_checkpoint(tmp_path):
         torch.testing.assert_close(saved["model"][key], a[key], rtol=0, atol=0)
     assert len(saved["rng"]) == 2 and not torch.equal(saved["rng"][0]["torch"], saved["rng"][1]["torch"])
     assert saved["step"] == 3 and ckpt.read_meta(str(directory)) == {
-        "format_version": 1, "role": "recovery", "step": 3, "epoch": 0, "batch": 3, "score": None,
-        "metric": "val_top1"}
+        "format_version": 1, "role": "recovery", "step": 3, "epoch": 0, "samples": 12, "score": None,
+        "metric": "val_top1", "order": None}  # the Ray worker passes the order's fingerprint; this test none
 
 
 DEEPSPEED_FP16 = """
@@ -252,7 +264,7 @@ from distributed.config import load_config
 from distributed.strategies import DeepSpeedStrategy
 from tests.test_loop import TinyNet
 cfg = load_config("configs/demo.yaml", ["strategy.name=deepspeed", "strategy.precision=fp16", "run.num_workers=1",
-                                        "data.batch_size=4", "optim.grad_clip_norm=1.0"])
+                                        "data.global_batch_size=4", "optim.grad_clip_norm=1.0"])
 torch.manual_seed(0)
 strategy = DeepSpeedStrategy(cfg, TinyNet(), torch.device("cpu"), steps_per_epoch=4)
 x, y = torch.randn(4, 3, 16, 16), torch.tensor([0, 1, 2, 0])

@@ -101,7 +101,7 @@ def test_gpus_and_cpus_a_local_ray_does_not_have(ray_local, shards, tmp_path, ti
     ("{zero_optimization: {stag: 2}}", "(?s)stag.*Extra inputs are not permitted"),
     # Refused by the config itself: precision, gradient accumulation and the batch are strategy.*/data.* settings.
     ("{fp16: {enabled: true}}", "strategy.deepspeed.fp16' is not accepted: set strategy.precision"),
-    ("{train_batch_size: 24}", r"train_batch_size' = 24 must equal data.batch_size x run.num_workers = 256"),
+    ("{train_batch_size: 24}", r"train_batch_size' = 24 must equal data.global_batch_size = 256"),
     ("{gradient_accumulation_steps: 4}", "gradient accumulation is not supported"),
     ("{scheduler: {type: WarmupLR}}", "strategy.deepspeed.scheduler' is not accepted: set schedule"),
 ])
@@ -155,3 +155,30 @@ def test_a_label_outside_the_classes_names_its_sample():
     check_labels({"label": torch.tensor([0, 2]), "key": ["a", "b"]}, 3, "s3://x/shards")
     with pytest.raises(ShardFormatError, match="sample 'a' has label -1"):  # a sample without a class
         check_labels({"label": torch.tensor([-1]), "key": ["a"]}, 3, "s3://x/shards")
+
+
+def test_a_resume_that_would_change_the_training_order_is_refused(shards, tmp_path, tiny_config):
+    """The newest checkpoint's meta.json holds the order's fingerprint: another seed, global batch or shuffle budget
+    is refused naming the setting, old and new value; a checkpoint of the old per-rank position format too."""
+    from data import train_fingerprint
+    from distributed import checkpoint as ckpt
+    from distributed.loop import stream_options
+    from distributed.preflight import check_resume_order
+
+    run_uri = str(tmp_path / "runs" / "x")
+    cfg = tiny_config(shards, str(tmp_path / "runs"), "x")
+    check_resume_order(cfg, run_uri)  # no checkpoint: nothing to compare
+    directory = tmp_path / "runs" / "x" / "checkpoint_0000000002"
+    ckpt.write_meta(directory, role="recovery", step=2, epoch=0, samples=32, score=None, metric="val_top1",
+                    order=train_fingerprint(stream_options(cfg)))
+    check_resume_order(cfg, run_uri)
+    check_resume_order(tiny_config(shards, str(tmp_path / "runs"), "x", "run.num_workers=1",
+                                   "data.loader_workers=2"), run_uri)  # the shape may change
+    for override, message in (("run.seed=1", "seed: 0 -> 1"), ("data.global_batch_size=8", "global_batch_size: 16 -> 8"),
+                              ("data.shuffle_buffer_mb=1", "shuffle_buffer_mb: 64.0 -> 1.0")):
+        with pytest.raises(PreflightError, match=f"checkpoint_0000000002: the training order would change .*{message}"):
+            check_resume_order(tiny_config(shards, str(tmp_path / "runs"), "x", override), run_uri)
+    (directory / "meta.json").write_text('{"format_version": 1, "role": "recovery", "step": 2, "epoch": 0, '
+                                         '"batch": 2, "score": null, "metric": "val_top1"}')
+    with pytest.raises(PreflightError, match="written by an older version: its data position is .* Start a new run.name"):
+        check_resume_order(cfg, run_uri)

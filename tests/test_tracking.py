@@ -44,7 +44,7 @@ def test_uri_is_resolved_once_and_never_holds_credentials(tmp_path, monkeypatch)
 
 def test_params_are_the_flat_config_without_the_tracking_section(tmp_path):
     params = flat_params(_cfg(tmp_path, "model.kwargs={se_placement: module}").to_dict())
-    assert params["model.name"] == "se_googlenet" and params["data.batch_size"] == "16"
+    assert params["model.name"] == "se_googlenet" and params["data.global_batch_size"] == "32"
     assert json.loads(params["model.kwargs"]) == {"se_placement": "module"}
     assert json.loads(params["data.crop_scale"]) == [0.35, 1.0]  # configs/demo.yaml
     assert not any(k.startswith("tracking.") for k in params)
@@ -106,7 +106,7 @@ def test_stopped_and_resumed_training_logs_one_mlflow_run(ray_local, shards, tmp
     assert len(client.search_runs([saved["experiment_id"]])) == 1
     got = client.get_run(saved["run_id"])
     assert got.info.status == "FINISHED"
-    assert got.data.params["model.name"] == "se_googlenet" and got.data.params["data.batch_size"] == "8"
+    assert got.data.params["model.name"] == "se_googlenet" and got.data.params["data.global_batch_size"] == "16"
     records = run.read_jsonl("metrics.jsonl")
     trains = [r for r in records if r["kind"] == "train"]
     evals = [r for r in records if r["kind"] == "eval"]

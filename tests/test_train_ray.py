@@ -70,7 +70,7 @@ def test_ddp_run_with_data_and_checkpoints_on_s3(ray_local, tiny_config, shards,
     assert results["checkpoint"] == summary["best_checkpoint"] and results["weights"] == "ema"
     state = load_final_state(run.uri, summary, tmp_path)
     assert state["config"] == cfg.to_dict() and state["step"] == 8 and state["epoch"] == 2
-    assert set(state) >= {"model", "optimizer", "scaler", "ema", "rng", "batch", "best_top1", "skipped_steps"}
+    assert set(state) >= {"model", "optimizer", "scaler", "ema", "rng", "samples", "order", "best_top1", "skipped_steps"}
     assert len(state["rng"]) == 2 and "scheduler" not in state  # per-rank RNG; the lr is recomputed, not saved
 
 
