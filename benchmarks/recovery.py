@@ -8,7 +8,7 @@ the fault to the first training step after it, steps lost, and the checkpoint ov
 
 The cluster: a head (the driver) and two worker nodes of 2 CPUs each, shards and checkpoints on a moto S3
 server on 127.0.0.1. The job: `python -m jobs.train --config configs/demo.yaml` (se_googlenet, DDP, 2 workers of
-1 CPU, 64 px, batch 16 per worker) on a generated 5-class sample (5 x `--per-class` train images: 12 steps per
+1 CPU, 64 px, global batch 32) on a generated 5-class sample (5 x `--per-class` train images: 12 steps per
 epoch at 80), a checkpoint every `--checkpoint-every` steps, a metrics record per step. Once rank 0 has printed
 step `--fault-at-step` (halfway between two checkpoints by default) and the checkpoint before it is on storage,
 the fault:
@@ -22,7 +22,7 @@ the fault:
 - driver_kill: the driver SIGKILLed (the nodes live), and the same command started again as soon as it is gone;
 - elastic_grow: the run starts with `run.num_workers=1,2` (2 CPUs per rank) on node_a alone; the fault is node_b
   joining. Ray Train's elastic policy restarts the worker group at 2 ranks at its next resize check (every
-  `ScalingConfig.elastic_resize_monitor_interval_s`, 60 s by default) from the newest checkpoint.
+  `run.elastic_resize_interval_s`, set to 10 s here; Ray's default 60 s) from the newest checkpoint.
 
 Per kind, from the run folder (metrics.jsonl: wall-clock "time" per step, "checkpoint" records with save_s;
 attempts.jsonl) and the driver's output (rank 0 prints every step and where each attempt starts):
@@ -61,7 +61,9 @@ from tests.multinode import STEP_LINE as STEP
 
 FAULTS = ["worker_kill", "worker_sigterm", "node_loss", "node_drain", "driver_kill", "elastic_grow"]
 # Per kind, overrides on top of the common ones, and the worker nodes the run starts with.
-ELASTIC = ["run.num_workers=1,2", "run.cpus_per_worker=2"]  # one rank per 2-CPU node: 1 node -> 1 rank, 2 -> 2
+# One rank per 2-CPU node (1 node -> 1 rank, 2 -> 2); Ray Train checks for a resize every 10 s (its default, 60 s,
+# would outlast the demo run).
+ELASTIC = ["run.num_workers=1,2", "run.cpus_per_worker=2", "run.elastic_resize_interval_s=10"]
 CONFIG = "configs/demo.yaml"
 WORKERS = {"node_a": 2, "node_b": 2}
 POLICY = re.compile(r"\[FailurePolicy\] (\w+)\s.*?Source: ([\w ]+?)\s*$", re.S | re.M)

@@ -350,9 +350,10 @@ def trained_keys(folder: str, epoch: int) -> collections.Counter:
 
 def epoch_sample_set(cfg, epoch: int) -> collections.Counter:
     """Every sample of `epoch` once, as the run's training order defines it (data.TrainLoader at one rank)."""
-    from data import StreamOptions, TrainLoader
+    from data import TrainLoader
+    from distributed.loop import stream_options
 
-    loader = TrainLoader(StreamOptions.from_config(cfg.data, cfg.run.seed), 0, 1)
+    loader = TrainLoader(stream_options(cfg), 0, 1)
     try:
         return collections.Counter(k for b in loader.epoch(epoch, 0) for k in b["key"] + b["corrupt"])
     finally:
