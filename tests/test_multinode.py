@@ -186,3 +186,36 @@ def test_driver_killed_while_worker_nodes_live_then_resubmitted_resumes(multinod
     launches = list(dict.fromkeys(a["launch_id"] for a in job.attempts()))
     assert len(launches) == 2
 
+
+# -- elastic runs (run.num_workers as a range): one rank per 2-CPU node, so the node count is the rank count ------
+
+ELASTIC = ["run.num_workers=1,2", "run.cpus_per_worker=2", "run.log_every_steps=1", "run.checkpoint_every_steps=2"]
+
+
+def test_node_lost_without_replacement_the_run_goes_on_at_one_rank(multinode, bucket, tmp_path):
+    """A node vanishes and none replaces it: Ray Train restarts the worker group at the size that fits (one rank),
+    charged to run.max_failures; the epoch goes on where its checkpoint left it, every sample once."""
+    job = Job(multinode, bucket, "shrink", tmp_path, *ELASTIC, "schedule.epochs=3", "run.max_failures=1",
+              f"run.sample_log={tmp_path / 'samples'}").start()
+    job.wait_for(lambda: ckpt.checkpoint_dir_name(STEPS_PER_EPOCH) in job.checkpoints(), "epoch-1 checkpoint")
+    nodes = job.wait_for(lambda: len(multinode.nodes_with_train_workers()) == 2 and multinode.nodes_with_train_workers(),
+                         "a rank on each node")
+    multinode.remove_node(nodes[-1])
+    summary = job.finish()
+    assert [a["world_size"] for a in job.attempts()] == [2, 1]
+    assert summary["steps"] == 3 * STEPS_PER_EPOCH and summary["failures_survived"] == 1, summary
+    job.check_interrupted_epoch(tmp_path / "samples")
+
+
+def test_elastic_run_grows_when_a_node_joins(multinode, bucket, tmp_path):
+    """The run starts on one node with num_workers=1,2; a second node joins and Ray Train's elastic policy
+    restarts the worker group at two ranks at its next resize check, from the newest checkpoint."""
+    multinode.remove_node("node_b")
+    job = Job(multinode, bucket, "grow", tmp_path, *ELASTIC, "schedule.epochs=4", "run.max_failures=0",
+              "run.elastic_resize_interval_s=5", f"run.sample_log={tmp_path / 'samples'}").start()
+    job.wait_for(lambda: ckpt.checkpoint_dir_name(2) in job.checkpoints(), "step-2 checkpoint")
+    multinode.add_node("node_b", 2)
+    summary = job.finish()
+    assert [a["world_size"] for a in job.attempts()] == [1, 2]
+    assert summary["steps"] == 4 * STEPS_PER_EPOCH, summary
+    job.check_interrupted_epoch(tmp_path / "samples")
