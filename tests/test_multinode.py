@@ -1,4 +1,4 @@
-"""Node-level faults on a real multi-node Ray cluster on 127.0.0.1 (tests/multinode.py), with the current loop.
+"""Node-level faults on a real multi-node Ray cluster on 127.0.0.1 (tests/multinode.py).
 
 A head (drivers, Ray Train's controller) and two worker nodes of 2 CPUs each; data and checkpoints on the S3
 server on 127.0.0.1. Each test runs `python -m jobs.train` as a driver on the head, with the tiny config of
@@ -8,7 +8,9 @@ tests/conftest.py, and injects one fault once the epoch-1 checkpoint (step 4) is
 - that node is drained with a deadline (`ray drain-node --reason DRAIN_NODE_REASON_PREEMPTION`): the run
   checkpoints on notice and restarts on the other node as a preemption, losing no step;
 - one of its training workers gets SIGTERM: the same, the node drained by the run itself;
-- the driver is SIGKILLed while the worker nodes live, and the job is submitted again.
+- the driver is SIGKILLed while the worker nodes live, and the job is submitted again;
+- elastic runs (one rank per node): a node vanishes and the run goes on at one rank; a node joins (after the
+  step-2 checkpoint) and the run grows to two. These check issue 10's exactly-once accounting too.
 
 docs/fault_tolerance.md ("Node-level faults") says what Ray Train 2.60 does in each case and why.
 """
