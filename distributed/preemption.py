@@ -129,7 +129,10 @@ class Preemption:
 
         Never returns: Ray Train ends the process, or PreemptedError is raised."""
         import ray.train
+        import torch.distributed as dist
 
+        if dist.is_initialized():  # every rank's upload is done: Ray's SYNC report has no barrier after the upload,
+            dist.barrier()         # and a rank that drains its node now would cut off another's upload
         rank = ray.train.get_context().get_world_rank()
         _, is_head = _this_node()
         sigterm = _SIGTERM.is_set()
