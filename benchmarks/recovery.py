@@ -1,9 +1,10 @@
 """Recovery cost per fault kind, on a real multi-node Ray cluster on 127.0.0.1 (tests/multinode.py): seconds from
 the fault to the first training step after it, steps lost, and the checkpoint overhead.
 
-    python -m benchmarks.recovery [--json] [--fault worker_kill|node_loss|node_drain|driver_kill|all]
-                                  [--per-class 80] [--epochs 3] [--checkpoint-every 4] [--fault-at-step 6]
-                                  [--drain-deadline 10]
+    python -m benchmarks.recovery [--json] [--fault KIND[,KIND...]|all] [--per-class 80] [--epochs 3]
+                                  [--checkpoint-every 4] [--fault-at-step 6] [--drain-deadline 30]
+
+    KIND: worker_kill, worker_sigterm, node_loss, node_drain, driver_kill, elastic_grow
 
 The cluster: a head (the driver) and two worker nodes of 2 CPUs each, shards and checkpoints on a moto S3
 server on 127.0.0.1. The job: `python -m jobs.train --config configs/demo.yaml` (se_googlenet, DDP, 2 workers of
@@ -14,9 +15,14 @@ the fault:
 
 - worker_kill: one training worker process SIGKILLed;
 - node_loss: the node running the workers vanishes (its raylet and all its processes SIGKILLed);
+- worker_sigterm: one training worker process gets SIGTERM (the loop checkpoints and releases its node);
 - node_drain: that node drained (`ray drain-node --reason DRAIN_NODE_REASON_PREEMPTION`) with a deadline of
-  `--drain-deadline` s; the provider removes it at the deadline if it is still there;
-- driver_kill: the driver SIGKILLed (the nodes live), and the same command started again as soon as it is gone.
+  `--drain-deadline` s (the loop checkpoints on notice and releases the node); the provider removes it at the
+  deadline if it is still there;
+- driver_kill: the driver SIGKILLed (the nodes live), and the same command started again as soon as it is gone;
+- elastic_grow: the run starts with `run.num_workers=1,2` (2 CPUs per rank) on node_a alone; the fault is node_b
+  joining. Ray Train's elastic policy restarts the worker group at 2 ranks at its next resize check (every
+  `run.elastic_resize_interval_s`, set to 10 s here; Ray's default 60 s) from the newest checkpoint.
 
 Per kind, from the run folder (metrics.jsonl: wall-clock "time" per step, "checkpoint" records with save_s;
 attempts.jsonl) and the driver's output (rank 0 prints every step and where each attempt starts):
@@ -26,6 +32,7 @@ attempts.jsonl) and the driver's output (rank 0 prints every step and where each
 - counted_as: how Ray Train's FailurePolicy charged the restart ("worker group" = run.max_failures,
   "preemption" = FailureConfig.max_preemption_failures; none for a resubmitted driver);
 - node_drain also: drain_to_checkpoint_s (drain accepted -> the next checkpoint complete on storage);
+- world_sizes: the ranks of each attempt;
 - checkpoint_save_s: median of the reports' save times (local save, manifest, upload, report barrier);
   step_s: median plain training step; checkpoint_fraction = checkpoint_save_s / step_s; per_step_overhead =
   checkpoint_fraction / checkpoint_every.
@@ -49,11 +56,16 @@ import tempfile
 import threading
 import time
 
-FAULTS = ["worker_kill", "node_loss", "node_drain", "driver_kill"]
+from tests.multinode import ATTEMPT_START as START
+from tests.multinode import STEP_LINE as STEP
+
+FAULTS = ["worker_kill", "worker_sigterm", "node_loss", "node_drain", "driver_kill", "elastic_grow"]
+# Per kind, overrides on top of the common ones, and the worker nodes the run starts with.
+# One rank per 2-CPU node (1 node -> 1 rank, 2 -> 2); Ray Train checks for a resize every 10 s (its default, 60 s,
+# would outlast the demo run).
+ELASTIC = ["run.num_workers=1,2", "run.cpus_per_worker=2", "run.elastic_resize_interval_s=10"]
 CONFIG = "configs/demo.yaml"
 WORKERS = {"node_a": 2, "node_b": 2}
-START = re.compile(r"rank 0: .* start at epoch \d+ sample \d+ \(step (\d+), from (\S+)\)")
-STEP = re.compile(r"epoch \d+/\d+ step (\d+)/\d+ loss")
 POLICY = re.compile(r"\[FailurePolicy\] (\w+)\s.*?Source: ([\w ]+?)\s*$", re.S | re.M)
 
 
@@ -66,7 +78,7 @@ class Run:
         self.overrides = [f"data.url=s3://{bucket}/shards", f"run.storage_path=s3://{bucket}/runs", f"run.name={kind}",
                           f"schedule.epochs={args.epochs}", "schedule.warmup_epochs=0.2",
                           f"run.checkpoint_every_steps={args.checkpoint_every}", "run.log_every_steps=1",
-                          "run.max_failures=1"]
+                          "run.max_failures=1", *(ELASTIC if kind == "elastic_grow" else [])]
         self.argv = ["-m", "jobs.train", "--config", CONFIG, *[a for o in self.overrides for a in ("--set", o)]]
         self.drivers = []
 
@@ -115,8 +127,17 @@ def inject(run: Run, args) -> dict:
         fault = time.time()
         victim.send_signal(signal.SIGKILL)
         return {"time": fault}
+    if run.kind == "worker_sigterm":
+        victim = cluster.train_workers(node)[-1]
+        fault = time.time()
+        victim.send_signal(signal.SIGTERM)
+        return {"time": fault}
     if run.kind == "node_loss":
         return {"time": cluster.remove_node(node)}
+    if run.kind == "elastic_grow":
+        fault = time.time()
+        cluster.add_node("node_b", WORKERS["node_b"])
+        return {"time": fault}
     if run.kind == "node_drain":
         return drain(run, node, args.drain_deadline)
     fault = time.time()
@@ -166,6 +187,7 @@ def measure(run: Run, fault: dict, every: int) -> dict:
     step_s, save_s = statistics.median(steps), statistics.median(saves)
     policies = [(d, src) for d, src in POLICY.findall(out)]
     result = {"restarts": len(attempts) - 1, "counted_as": policies[0][1] if policies else None,
+              "world_sizes": [a.get("world_size") for a in attempts],
               "step_s": round(step_s, 3), "checkpoint_save_s": round(save_s, 3), "checkpoint_saves": len(saves),
               "checkpoint_fraction": round(save_s / step_s, 3), "per_step_overhead": round(save_s / step_s / every, 4),
               **{k: v for k, v in fault.items() if k != "time"}}
@@ -180,6 +202,8 @@ def measure(run: Run, fault: dict, every: int) -> dict:
 
 def run_kind(cluster, bucket: str, kind: str, args, logs: str) -> dict:
     cluster.reset()
+    if kind == "elastic_grow":  # starts on node_a alone
+        cluster.remove_node("node_b")
     run = Run(cluster, bucket, kind, args, logs).start()
     fault = inject(run, args)
     run.driver.wait(timeout=1800)
@@ -207,12 +231,13 @@ def prepare(tmp: str, per_class: int) -> str:
 
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--fault", choices=[*FAULTS, "all"], default="worker_kill")
+    p.add_argument("--fault", default="worker_kill", help=f"comma-separated kinds of {FAULTS}, or all")
     p.add_argument("--per-class", type=int, default=80, help="train images per class (5 classes)")
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--checkpoint-every", type=int, default=4, help="run.checkpoint_every_steps")
     p.add_argument("--fault-at-step", type=int, default=6, help="the fault once rank 0 has printed this step")
-    p.add_argument("--drain-deadline", type=int, default=10, help="seconds from the drain to the node's end")
+    p.add_argument("--drain-deadline", type=int, default=30,
+                   help="seconds from the drain to the node's end (30: a GCE preemption notice; AWS gives 120)")
     p.add_argument("--json", action="store_true", help="print only the JSON result (and Ray's own log lines)")
     args = p.parse_args(argv)
     import ray
@@ -222,7 +247,9 @@ def main(argv=None) -> dict:
     from tests.multinode import MultiNodeCluster
 
     start, load = time.time(), os.getloadavg()
-    kinds = FAULTS if args.fault == "all" else [args.fault]
+    kinds = FAULTS if args.fault == "all" else args.fault.split(",")
+    if set(kinds) - set(FAULTS):
+        p.error(f"--fault: unknown kind(s) {sorted(set(kinds) - set(FAULTS))}; valid: {', '.join(FAULTS)}, all")
     results = {}
     with s3_environment(), tempfile.TemporaryDirectory(prefix="recovery-") as tmp:
         bucket = prepare(tmp, args.per_class)

@@ -142,6 +142,9 @@ class RunConfig:
     # the run starts with what the cluster has and is restarted at another size when that changes. Every count
     # of the range must divide data.global_batch_size (docs/fault_tolerance.md, "Elastic runs").
     num_workers: int | str | list = 2
+    # Elastic runs: how often Ray Train checks whether the cluster fits another rank count (a grow is a restart from
+    # the newest checkpoint). Ray's ScalingConfig.elastic_resize_monitor_interval_s.
+    elastic_resize_interval_s: float = 60.0
     use_gpu: bool = False
     # Ray CPUs per rank (and torch threads, at least 1); a fraction packs more ranks than cores (tests: 3 ranks on 2).
     cpus_per_worker: float = 1
@@ -363,7 +366,7 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"config key '{dotted}' = {tree[section][key]!r}; valid: {', '.join(map(repr, choices))}")
     validate_data(cfg.data)
     positive = ["run.checkpoint_every_steps", "run.log_every_steps", "schedule.epochs",
-                "run.cpus_per_worker"]
+                "run.cpus_per_worker", "run.elastic_resize_interval_s"]
     for dotted in positive:
         section, key = dotted.split(".")
         if tree[section][key] <= 0:

@@ -26,7 +26,6 @@ from distributed.config import Config
 from distributed.loss import compute_loss
 from distributed.monitor import Progress, StepStats, check_divergence
 from distributed.optim import lr_at
-from distributed.preemption import PreemptedError
 from models import split_outputs
 
 
@@ -62,7 +61,7 @@ class Phases:
     steps_per_epoch: int  # N_train // G, whatever the number of ranks
     num_classes: int
     report: Callable[..., None]  # report(role, values, wait=False); distributed.reporting.Reporter in Ray
-    preemption: Any  # .flags() -> (sigterm, drain), .drained(); distributed.preemption.Preemption in Ray
+    preemption: Any  # .flags() -> (sigterm, drain), .stand_down(step); distributed.preemption.Preemption in Ray
     progress: Progress
     stats: StepStats
     corrupt: int = 0  # corrupt training images of this epoch, all ranks (as of the last synchronisation)
@@ -125,7 +124,7 @@ def train_one_epoch(ph: Phases, state: TrainState, loader) -> bool:
     """Train `loader` (a data.TrainLoader) from the position `state.samples` to the end of the epoch; False when
     stopped early by run.stop_after_steps. Every step is one global batch of G samples, G / world on this rank.
 
-    Raises PreemptedError after the checkpoint when any rank got SIGTERM.
+    On SIGTERM or a drain notice it checkpoints and hands over to `preemption.stand_down`, which does not return.
     """
     cfg, strategy = ph.cfg, ph.strategy
     global_batch = cfg.data.global_batch_size
@@ -172,15 +171,12 @@ def after_step(ph: Phases, state: TrainState) -> bool:
     if not (end or stopping or periodic or state.step % run.log_every_steps == 0):
         return True
     synced = synchronise(ph, state)
-    if synced.sigterm:
-        ph.report("recovery", {"corrupt_train": ph.corrupt}, wait=True)
-        raise PreemptedError(f"SIGTERM: saved a checkpoint at step {state.step} (epoch {state.epoch}, "
-                             f"{state.samples} samples in); stopping so the run restarts from it")
-    if synced.drain:
-        ph.preemption.drained()
-        periodic = periodic or not end
+    if synced.sigterm or synced.drain:  # checkpoint, then end the attempt as a preemption (distributed/preemption.py)
         if rank_and_world()[0] == 0:
-            print(f"rank 0: Ray is draining a node of this run; checkpoint at step {state.step}", flush=True)
+            why = "a rank got SIGTERM" if synced.sigterm else "Ray is draining a node of this run"
+            print(f"rank 0: {why}; checkpoint at step {state.step}", flush=True)
+        ph.report("recovery", {"corrupt_train": ph.corrupt}, wait=True)
+        ph.preemption.stand_down(state.step)
     if stopping or periodic:
         ph.report("recovery", {"corrupt_train": ph.corrupt})
     return not stopping

@@ -40,7 +40,8 @@ def build_trainer(cfg: Config, run_uri: str, launch_id: str):
         # cluster can place and restarts it from the latest checkpoint when that number changes
         # (docs/fault_tolerance.md, "Elastic runs"); the loop then continues the epoch at the new size.
         scaling_config=ScalingConfig(num_workers=scaling_workers(cfg), use_gpu=cfg.run.use_gpu,
-                                     resources_per_worker=resources),
+                                     resources_per_worker=resources,
+                                     elastic_resize_monitor_interval_s=cfg.run.elastic_resize_interval_s),
         run_config=RunConfig(
             name=cfg.run.name,
             storage_path=storage_path,

@@ -19,9 +19,11 @@ Faults, as a cloud or an operator would cause them:
 """
 from __future__ import annotations
 
+import collections
 import contextlib
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -36,6 +38,10 @@ import psutil
 REPO = Path(__file__).resolve().parents[1]
 RAY_CLI = str(Path(sys.executable).parent / "ray")
 TRAIN_WORKER = "RayTrainWorker"  # in the process title of Ray Train's worker actors
+# What a driver of `jobs.train` prints: where each attempt starts (distributed/worker.py) and each progress line
+# (distributed/monitor.py; every step with run.log_every_steps=1).
+ATTEMPT_START = re.compile(r"rank 0: .* start at epoch \d+ (?:batch|sample) \d+ \(step (\d+), from (\S+)\)")
+STEP_LINE = re.compile(r"epoch \d+/\d+ step (\d+)/\d+ loss")
 
 
 @dataclass
@@ -160,7 +166,10 @@ class MultiNodeCluster:
         """The node vanishes: every process of it SIGKILLed (its raylet first). Returns the time.time() of it."""
         node = self.nodes.pop(name)
         self.drained.discard(name)
-        workers = _children(node.raylet)
+        try:
+            workers = _children(node.raylet)
+        except psutil.Error:  # a drained node that went idle exits by itself
+            workers = []
         when = time.time()
         self.cluster.remove_node(node.node, allow_graceful=False)
         for p in workers:  # on a real machine they die with it; here they would notice the raylet gone in a while
@@ -180,8 +189,11 @@ class MultiNodeCluster:
         return time.time()
 
     def reset(self) -> None:
-        """Back to the initial shape: drained nodes removed, missing initial nodes added (fresh raylets)."""
-        for name in [n for n in self.drained if n in self.nodes]:
+        """Back to the initial shape: drained nodes removed (drained here, or by a run through Ray's DrainNode),
+        dead ones forgotten, missing initial nodes added (fresh raylets)."""
+        draining = set(self.cluster.global_state.get_draining_nodes())
+        for name in [n for n, node in self.nodes.items() if n in self.drained or node.node_id in draining
+                     or not self.node_alive(n)]:
             self.remove_node(name)
         self.drained.clear()
         for name, cpus in self._initial.items():
@@ -307,6 +319,45 @@ def uploaded_checkpoints(fs, folder: str) -> list[str]:
     except FileNotFoundError:  # nothing written yet (exists() and ls() disagree on S3 while the folder fills)
         return []
     return [n for n in names if NAME.fullmatch(n) and checkpoint_uploaded(fs, f"{folder}/{n}")]
+
+
+def steps_lost(output: str) -> tuple[int, int]:
+    """From a driver's output (run.log_every_steps=1): (steps trained before the first restart minus the step that
+    restart restored, that restored step). Raises AssertionError if the output shows no restart."""
+    starts = list(ATTEMPT_START.finditer(output))
+    assert len(starts) > 1, f"no restart in the driver's output:\n{output[-3000:]}"
+    restored = int(starts[1].group(1))
+    before = [int(s) for s in STEP_LINE.findall(output[:starts[1].start()])]
+    return max(before, default=restored) - restored, restored
+
+
+def trained_keys(folder: str, epoch: int) -> collections.Counter:
+    """The keys trained in `epoch` (corrupt ones included), from the per-step sample logs the ranks write with
+    run.sample_log (`samples.rank<r>.jsonl`, distributed/loop.py), counting each step as trained by the attempt
+    that trained it last: a restart redoes the steps after its checkpoint. Rank 0 is in every attempt, so its log,
+    in time order, names the world size of that attempt; each rank's last record of the step at that size counts."""
+    logs = {int(re.search(r"rank(\d+)", p.name).group(1)): [json.loads(line) for line in p.read_text().splitlines()]
+            for p in Path(folder).glob("samples.rank*.jsonl")}
+    final_world = {r["step"]: r["world"] for r in logs.get(0, []) if r["epoch"] == epoch}
+    keys: collections.Counter = collections.Counter()
+    for step, world in final_world.items():
+        for rank in range(world):
+            last = [r for r in logs.get(rank, []) if (r["epoch"], r["step"], r["world"]) == (epoch, step, world)]
+            assert last, f"rank {rank} of {world} logged no keys for epoch {epoch} step {step} in {folder}"
+            keys.update(last[-1]["keys"] + last[-1]["corrupt"])
+    return keys
+
+
+def epoch_sample_set(cfg, epoch: int) -> collections.Counter:
+    """Every sample of `epoch` once, as the run's training order defines it (data.TrainLoader at one rank)."""
+    from data import TrainLoader
+    from distributed.loop import stream_options
+
+    loader = TrainLoader(stream_options(cfg), 0, 1)
+    try:
+        return collections.Counter(k for b in loader.epoch(epoch, 0) for k in b["key"] + b["corrupt"])
+    finally:
+        loader.close()
 
 
 def reap(procs: list[psutil.Process], timeout: float = 30.0) -> list[str]:
