@@ -43,14 +43,14 @@ def _assert_same(a, b, path="state"):
 
 
 def test_ddp_checkpoint_round_trips_every_field(tmp_path):
-    cfg = load_config("configs/demo.yaml", ["model.name=resnet50", "model.kwargs={}", "optim.ema_decay=0.9"])
+    cfg = load_config("configs/demo.yaml", ["model.name=resnet18", "model.kwargs={}", "optim.ema_decay=0.9"])
     src = _strategy(cfg)
     _train_steps(src, cfg, 3)
     extra = {"epoch": 1, "samples": 48, "step": 13, "best_top1": 0.5, "config": cfg.to_dict(),
              "rng": {"torch": torch.get_rng_state()}, "launch_id": "abc"}
     src.save(tmp_path, extra, rank=0)
     ckpt.write_manifest(tmp_path, rank=0, world_size=1)
-    dst = _strategy(load_config("configs/demo.yaml", ["model.name=resnet50", "model.kwargs={}",
+    dst = _strategy(load_config("configs/demo.yaml", ["model.name=resnet18", "model.kwargs={}",
                                                        "optim.ema_decay=0.9", "run.seed=5"]))
     ckpt.verify_checkpoint(tmp_path)
     state = dst.load(tmp_path)
