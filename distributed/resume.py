@@ -96,6 +96,13 @@ def _choose(run_uri: str, resume_from: str | None, ray_latest: str | None, local
     if not names:
         return ("scratch",)
     chosen = _pick_verified(parent, names, local)
+    if chosen is None and label == "run" and ray_latest is None:
+        # Ray Train registered none of them: each is an upload that a lost node or a killed driver cut short
+        # (Ray uploads a checkpoint's files in parallel, the manifest may land before state.pt). Nothing was
+        # committed, so the run starts where it would have without them.
+        print(f"WARNING: no checkpoint under {parent} verifies and Ray Train registered none of them "
+              f"({', '.join(names)}: partial uploads); starting from scratch", flush=True)
+        return ("scratch",)
     if chosen is None:
         return ("error", f"no checkpoint under {parent} verifies (tried {', '.join(names)})")
     newest = max(ckpt.checkpoint_step(n) for n in names) if label == "run" else -1
