@@ -63,7 +63,8 @@ class Assumptions:
 
 
 SOURCES = {
-    "per_gpu_batch": "configs/se_googlenet.yaml, googlenet.yaml, resnet50.yaml: data.batch_size 32 per GPU",
+    "per_gpu_batch": "configs/se_googlenet.yaml, googlenet.yaml, resnet50.yaml: data.global_batch_size 256 = 32 "
+                     "per GPU on 8 GPUs; the model keeps 32 per GPU (data.global_batch_size = 32 x GPUs)",
     "grad_bytes": "DDP with bf16 autocast keeps fp32 parameters, so gradients (and the all-reduce) are fp32",
     "bucket_mib": "torch DistributedDataParallel bucket_cap_mb default",
     "overlap": "ASSUMPTION (judgement): share of the backward pass during which bucket all-reduces run; DDP starts "

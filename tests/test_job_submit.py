@@ -37,8 +37,8 @@ TEST_BUDGET_S = 240  # 150-200 s measured on 2 cores shared with other training;
 # The entrypoint resources of docs/cluster.md: the driver takes 1 CPU and 1 `head` slot, never a GPU slot.
 SUBMIT = ["job", "submit", "--working-dir", ".", "--runtime-env", "runtime_env.yaml",
           "--entrypoint-num-cpus=1", '--entrypoint-resources={"head": 1}']
-# 3 classes x 24 train images (one truncated, dropped by prepare) -> 35 per rank -> 4 steps/epoch at batch 8.
-TINY = ["data.image_size=32", "data.batch_size=8", "data.eval_batch_size=16", "schedule.epochs=4",
+# 3 classes x 24 train images (one truncated, dropped by prepare): 71 -> 4 steps/epoch at global batch 16 (8 per rank).
+TINY = ["data.image_size=32", "data.global_batch_size=16", "data.eval_batch_size=16", "schedule.epochs=4",
         "schedule.warmup_epochs=0.5", "run.checkpoint_every_steps=2", "run.log_every_steps=1"]
 
 
