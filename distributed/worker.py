@@ -85,10 +85,9 @@ def end_of_epoch(ph: Phases, state: TrainState, reporter: Reporter, metrics, val
     ph.corrupt = 0
 
 
-def start_attempt(config: dict, state: TrainState, resume: Resume, rng: str, params: int, spe: int):
+def start_attempt(cfg: Config, config: dict, state: TrainState, resume: Resume, rng: str, params: int, spe: int):
     """Rank 0: record the attempt (with its shape: ranks, per-rank batch, loader workers) in attempts.jsonl and
     open the metrics log; returns it (None on other ranks)."""
-    cfg = config_from_dict(config["cfg"])
     rank, world = rank_and_world()
     if rank != 0:
         return None
@@ -120,7 +119,7 @@ def train_loop_per_worker(config: dict) -> None:
     strategy = build_strategy(cfg, model, device, spe)
     state = TrainState()
     resume, rng = restore(cfg, strategy, state, config["run_uri"], device, train.fingerprint)
-    metrics = start_attempt(config, state, resume, rng, sum(p.numel() for p in model.parameters()), spe)
+    metrics = start_attempt(cfg, config, state, resume, rng, sum(p.numel() for p in model.parameters()), spe)
     reporter = Reporter(cfg, strategy, state, device, metrics,
                         {"launch_id": config["launch_id"], "order": train.fingerprint, "world_size": world},
                         resume.checkpoint_name)

@@ -32,6 +32,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from unittest import mock
 
 import psutil
 
@@ -92,22 +93,12 @@ class MultiNodeCluster:
         self.nodes: dict[str, WorkerNode] = {}
         self.drained: set[str] = set()
 
-    @contextlib.contextmanager
     def _node_env(self):
         """The environment the nodes' processes inherit (set while they start). RAY_TMPDIR: Ray writes the newest
         cluster's address to $RAY_TMPDIR/ray/ray_current_cluster, where a plain `ray.init()` elsewhere on the
         machine would find and join it. RAY_ADDRESS: Ray Train's PlacementGroupCleaner (State API) would
         otherwise look for "the" cluster among every Ray on the machine and say so every second."""
-        saved = {k: os.environ.get(k) for k in ("RAY_TMPDIR", "RAY_ADDRESS")}
-        os.environ.update(RAY_TMPDIR=self.temp_dir, RAY_ADDRESS=self.address)
-        try:
-            yield
-        finally:
-            for k, v in saved.items():
-                if v is None:
-                    os.environ.pop(k, None)
-                else:
-                    os.environ[k] = v
+        return mock.patch.dict(os.environ, RAY_TMPDIR=self.temp_dir, RAY_ADDRESS=self.address)
 
     def start(self) -> MultiNodeCluster:
         """Start the head and the initial worker nodes. On a heavily loaded machine a node can miss one of Ray's
