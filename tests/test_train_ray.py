@@ -11,7 +11,6 @@ import time
 import uuid
 
 import fsspec
-import psutil
 import pytest
 import torch
 
@@ -22,6 +21,7 @@ from distributed.trainer import fit
 from evaluation import checkpoints
 from evaluation.report import write_curves
 from jobs import evaluate as evaluate_job
+from tests.test_chaos import session_train_workers
 
 pytestmark = pytest.mark.slow
 
@@ -155,14 +155,6 @@ def test_interrupted_and_resumed_run_equals_uninterrupted(ray_local, tiny_config
     assert again["steps"] == 8 and again["started_from"].startswith("run:checkpoint_0000000008")
 
 
-def _train_workers() -> list[psutil.Process]:
-    found = []
-    for p in psutil.process_iter(["cmdline"]):
-        if any("RayTrainWorker" in part for part in (p.info["cmdline"] or [])):
-            found.append(p)
-    return found
-
-
 def test_worker_sigkilled_mid_epoch_twice_and_run_finishes(ray_local, tiny_config, shards, tmp_path):
     storage = str(tmp_path / "runs")
     run = RunFolder(os.path.join(storage, "killed"))
@@ -174,7 +166,7 @@ def test_worker_sigkilled_mid_epoch_twice_and_run_finishes(ray_local, tiny_confi
             while time.monotonic() < deadline:
                 steps = [r["step"] for r in read_metrics(run) if r["kind"] == "train"] \
                     if run.fs.exists(run.path) else []
-                workers = _train_workers()
+                workers = session_train_workers(ray_local)  # the ranks, not their loader workers
                 if steps and max(steps) >= target_step and len(workers) == 2:
                     workers[-1].send_signal(signal.SIGKILL)
                     kills.append(max(steps))
