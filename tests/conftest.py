@@ -5,6 +5,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -39,7 +40,8 @@ class S3Server:
 
     `stop()`/`start()` take the endpoint away and back for chaos tests: stop closes the listening socket and cuts
     every open connection (clients see "connection refused" or a reset, as in a storage outage), while moto and
-    the buckets' contents live on, as a real object store's do. `close()` ends the moto process; so does the exit
+    the buckets' contents live on, as a real object store's do. `stop_on(pattern)` arms a trip-wire: the first
+    request whose bytes match it is not forwarded and stops the endpoint then, at exactly that request. `close()` ends the moto process; so does the exit
     of the process that started it, whichever way it exits short of SIGKILL.
     """
 
@@ -53,6 +55,18 @@ class S3Server:
         self._conns: set[socket.socket] = set()
         self._lock = threading.Lock()
         self._closed = False
+        self._tripwire: re.Pattern | None = None
+        self.tripped = threading.Event()
+
+    def stop_on(self, pattern: bytes | None) -> threading.Event:
+        """Stop at the first client request matching `pattern` (a regex on the bytes sent, e.g. an HTTP request
+        line); that request never reaches moto. Returns the event set when it trips. None disarms."""
+        if pattern is None:
+            self._tripwire = None
+            return self.tripped
+        self.tripped.clear()
+        self._tripwire = re.compile(pattern)
+        return self.tripped
 
     def start(self) -> None:
         if self._closed:
@@ -96,12 +110,17 @@ class S3Server:
             upstream.settimeout(None)
             with self._lock:
                 self._conns.update((client, upstream))
-            for src, dst in ((client, upstream), (upstream, client)):
-                threading.Thread(target=self._pump, args=(src, dst), daemon=True).start()
+            for src, dst, watch in ((client, upstream, True), (upstream, client, False)):
+                threading.Thread(target=self._pump, args=(src, dst, watch), daemon=True).start()
 
-    def _pump(self, src: socket.socket, dst: socket.socket) -> None:
+    def _pump(self, src: socket.socket, dst: socket.socket, watch: bool) -> None:
         try:
             while data := src.recv(1 << 16):
+                if watch and (wire := self._tripwire) is not None and wire.search(data):
+                    self._tripwire = None
+                    self.stop()
+                    self.tripped.set()
+                    break
                 dst.sendall(data)
         except OSError:
             pass

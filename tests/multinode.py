@@ -93,12 +93,26 @@ class MultiNodeCluster:
         self.nodes: dict[str, WorkerNode] = {}
         self.drained: set[str] = set()
 
+    @contextlib.contextmanager
     def _node_env(self):
-        """The environment the nodes' processes inherit (set while they start). RAY_TMPDIR: Ray writes the newest
-        cluster's address to $RAY_TMPDIR/ray/ray_current_cluster, where a plain `ray.init()` elsewhere on the
-        machine would find and join it. RAY_ADDRESS: Ray Train's PlacementGroupCleaner (State API) would
-        otherwise look for "the" cluster among every Ray on the machine and say so every second."""
-        return mock.patch.dict(os.environ, RAY_TMPDIR=self.temp_dir, RAY_ADDRESS=self.address)
+        """While a node starts in this process: the environment its processes inherit, and this process's internal-KV
+        client kept. RAY_TMPDIR: Ray writes the newest cluster's address to $RAY_TMPDIR/ray/ray_current_cluster,
+        where a plain `ray.init()` elsewhere on the machine would find and join it. RAY_ADDRESS: Ray Train's
+        PlacementGroupCleaner (State API) would otherwise look for "the" cluster among every Ray on the machine and
+        say so every second. The KV client: each `Node` made here points Ray's process-wide internal KV at its own
+        GCS; the suite's ray_local would then write there, and once this cluster is gone a KV call retries for 60 s
+        and Ray ends the whole process ("Failed to connect to GCS within 60 seconds"): pytest, with no summary."""
+        from ray.experimental import internal_kv
+
+        kv = internal_kv.internal_kv_get_gcs_client()
+        try:
+            with mock.patch.dict(os.environ, RAY_TMPDIR=self.temp_dir, RAY_ADDRESS=self.address):
+                yield
+        finally:
+            if kv is None:
+                internal_kv._internal_kv_reset()
+            else:
+                internal_kv._initialize_internal_kv(kv)
 
     def start(self) -> MultiNodeCluster:
         """Start the head and the initial worker nodes. On a heavily loaded machine a node can miss one of Ray's
@@ -245,6 +259,7 @@ class MultiNodeCluster:
             for node in self.nodes.values():
                 self.cluster.remove_node(node.node)
             self.nodes.clear()
+            self.cluster.global_state.disconnect()  # its GCS client, before the GCS goes
             if self.cluster.head_node is not None:
                 self.cluster.remove_node(self.cluster.head_node)
             self.cluster = None

@@ -183,19 +183,16 @@ def outage_run(ray_local, s3_server, shards, tiny_config):
     run = RunFolder(f"s3://{bucket}/runs/outage")
     facts: dict = {}
 
+    # The outage starts at the first request that uploads a file of the step-2 checkpoint (path-style URLs, as
+    # s3fs and pyarrow send them to an endpoint): that request is cut, whichever file it carries.
+    step2 = f"{bucket}/runs/outage/{ckpt.checkpoint_dir_name(2)}"
+    tripped = s3_server.stop_on(rb"(PUT|POST) /" + step2.encode() + rb"/")
+
     def outage():
-        deadline = time.monotonic() + 150
-        # Rank 0 queues the metrics since the last checkpoint for upload right before it saves each checkpoint.
-        while time.monotonic() < deadline:
-            if any(r["kind"] == "train" and r["step"] >= 2 for r in read_metrics(run)):
-                break
-            time.sleep(0.02)
-        else:
+        if not tripped.wait(timeout=150):
             return
-        s3_server.stop()
         facts["start"] = time.monotonic()
-        facts["manifest_there_at_start"] = backend.exists(
-            f"{bucket}/runs/outage/{ckpt.checkpoint_dir_name(2)}/manifest.rank0.json")
+        facts["manifest_there_at_start"] = backend.exists(f"{step2}/manifest.rank0.json")
         time.sleep(OUTAGE_S)
         s3_server.start()
         facts["end"] = time.monotonic()
@@ -208,6 +205,7 @@ def outage_run(ray_local, s3_server, shards, tiny_config):
         with _time_limit(200, "the run with a storage outage"):
             summary = fit(cfg)
     finally:
+        s3_server.stop_on(None)
         thread.join(timeout=OUTAGE_S + 5)
         s3_server.start()  # whatever happened, storage comes back for the other tests
     return {"summary": summary, "bucket": bucket, "cfg": cfg, "run": run, "facts": facts, "tiny_config": tiny_config}
