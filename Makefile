@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test test-fast bench clean lock
+.PHONY: setup demo test test-long test-fast bench clean lock
 
 setup: $(STAMP)
 
@@ -21,6 +21,10 @@ demo: setup
 
 test: setup
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# The end-to-end scenarios of a minute or more each (multi-node faults, job submit, DeepSpeed resume...): ~40 min.
+test-long: setup
+	$(PY) -m pytest -m "long and not soak" $(PYTEST_ARGS)
 
 # Unit tests only (no Ray cluster, no long training).
 test-fast: setup

@@ -125,6 +125,7 @@ def reap(ray_tmp: str, timeout: float = 30.0) -> list[str]:
     return names
 
 
+@pytest.mark.long
 def test_driver_killed_then_resubmitted_resumes_at_latest_checkpoint(shards, tmp_path, time_limit):
     storage, name = tmp_path / "runs", "driver-killed"
     run_dir = storage / name
@@ -275,6 +276,7 @@ def test_run_folder_retries_with_backoff_through_an_outage(s3_bucket, s3_server,
 
 # -- preemption: SIGTERM to one worker ----------------------------------------------------------------------------
 
+@pytest.mark.long
 def test_sigterm_to_a_worker_saves_a_checkpoint_and_the_run_resumes_from_it(ray_local, shards, tiny_config,
                                                                           tmp_path, time_limit):
     storage = str(tmp_path / "runs")

@@ -19,6 +19,7 @@ from jobs.demo import next_steps
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+@pytest.mark.long
 @pytest.mark.slow
 def test_demo_output_is_the_projects_lines_without_rays_routine_ones(shards, tmp_path):
     overrides = [f"data.url={shards}", f"run.storage_path={tmp_path}", "run.name=quiet", *TINY]

@@ -41,6 +41,7 @@ def smoke(tmp_path_factory) -> tuple[Path, dict]:
     return out, json.loads((out / gpu_check.JSON_NAME).read_text())
 
 
+@pytest.mark.long
 def test_smoke_every_part_ran_or_says_why_not(smoke):
     out, report = smoke
     assert report["schema"] == gpu_check.SCHEMA and report["mode"] == "smoke"
@@ -61,6 +62,7 @@ def test_smoke_every_part_ran_or_says_why_not(smoke):
     assert report["summary"] == {"ok": len(planned) - len(skipped), "skipped": len(skipped)}
 
 
+@pytest.mark.long
 def test_smoke_results_hold_the_figures(smoke):
     _, report = smoke
     parts = {n: p.get("result") for n, p in report["parts"].items()}
@@ -86,6 +88,7 @@ def test_smoke_results_hold_the_figures(smoke):
         assert parts[f"strategy/zero{zero}"]["zero_stage"] == zero
 
 
+@pytest.mark.long
 def test_smoke_writes_the_log_and_the_markdown(smoke):
     out, report = smoke
     log = (out / gpu_check.LOG_NAME).read_text()

@@ -190,6 +190,7 @@ def remaining(deadline: float) -> float:
     return left
 
 
+@pytest.mark.long
 @pytest.mark.slow
 def test_submit_prepare_train_stop_and_resume(tmp_path):
     deadline = time.monotonic() + TEST_BUDGET_S

@@ -28,6 +28,7 @@ def leaks(name: str, data: bytes) -> list[str]:
     return [f"{name} holds {s.decode()!r}" for s in SECRETS if s in data]
 
 
+@pytest.mark.long
 def test_credentials_never_reach_outputs(ray_local, s3_server, shards, tiny_config, capfd, time_limit):
     s3fs.S3FileSystem.clear_instance_cache()
     fs = s3fs.S3FileSystem()

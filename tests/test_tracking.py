@@ -87,6 +87,7 @@ def test_workers_refuse_to_track_without_the_drivers_run(tmp_path):
     untracked.close()
 
 
+@pytest.mark.long
 @pytest.mark.slow
 def test_stopped_and_resumed_training_logs_one_mlflow_run(ray_local, shards, tmp_path):
     from tests.conftest import tiny_overrides

@@ -74,6 +74,7 @@ def test_ddp_run_with_data_and_checkpoints_on_s3(ray_local, tiny_config, shards,
     assert len(state["rng"]) == 2 and "scheduler" not in state  # per-rank RNG; the lr is recomputed, not saved
 
 
+@pytest.mark.long
 def test_fp16_with_torch_compile(ray_local, tiny_config, shards, tmp_path):
     """fp16 on CPU (autocast + GradScaler + fused SGD) under torch.compile (aot_eager: graph capture without
     code generation, which would take minutes on 2 cores): two steps and a checkpoint of the bare model."""
@@ -88,6 +89,7 @@ def test_fp16_with_torch_compile(ray_local, tiny_config, shards, tmp_path):
     assert trains and all(r["loss"] == r["loss"] for r in trains)  # not NaN
 
 
+@pytest.mark.long
 def test_deepspeed_zero3_bf16_run(ray_local, tiny_config, shards, tmp_path):
     """bf16 autocast over fp32 parameters and BatchNorm; jobs.evaluate reads the ZeRO-3 checkpoint."""
     cfg = tiny_config(shards, str(tmp_path / "runs"), "zero3", "strategy.name=deepspeed", "strategy.zero_stage=3",
@@ -108,6 +110,7 @@ def test_deepspeed_zero3_bf16_run(ray_local, tiny_config, shards, tmp_path):
     assert evaluate_job.main(["--checkpoint", str(directory), "--out", str(tmp_path / "eval")]) == 0
 
 
+@pytest.mark.long
 def test_deepspeed_zero1_resumed_equals_uninterrupted_and_evaluate_agrees(ray_local, tiny_config, shards, tmp_path):
     storage = str(tmp_path / "runs")
     ds = ["strategy.name=deepspeed", "strategy.zero_stage=1", "run.deterministic=true", "schedule.epochs=1"]
@@ -127,6 +130,7 @@ def test_deepspeed_zero1_resumed_equals_uninterrupted_and_evaluate_agrees(ray_lo
     assert results["centre"]["top5"] == full["final_top5"]
 
 
+@pytest.mark.long
 def test_interrupted_and_resumed_run_equals_uninterrupted(ray_local, tiny_config, shards, tmp_path):
     storage = str(tmp_path / "runs")
     det = ["run.deterministic=true"]
