@@ -41,8 +41,9 @@ class S3Server:
     `stop()`/`start()` take the endpoint away and back for chaos tests: stop closes the listening socket and cuts
     every open connection (clients see "connection refused" or a reset, as in a storage outage), while moto and
     the buckets' contents live on, as a real object store's do. `stop_on(pattern)` arms a trip-wire: the first
-    request whose bytes match it is not forwarded and stops the endpoint then, at exactly that request. `close()` ends the moto process; so does the exit
-    of the process that started it, whichever way it exits short of SIGKILL.
+    request whose bytes match it is not forwarded and stops the endpoint then, at exactly that request. `close()`
+    ends the moto process; so does the exit of the process that started it, whichever way it exits short of
+    SIGKILL.
     """
 
     def __init__(self) -> None:
