@@ -9,11 +9,9 @@ PYTEST_ARGS ?=
 
 setup: $(STAMP)
 
-# Re-installs only when pyproject.toml or the lock file changed.
-$(STAMP): pyproject.toml requirements.lock
-	@test -x $(PY) || $(PYTHON) -m venv $(VENV) || { \
-	  echo "error: '$(PYTHON) -m venv $(VENV)' failed. Python 3.11 with venv is required (Debian: apt-get install python3.11-venv)."; exit 1; }
-	$(PY) -m pip install --quiet --disable-pip-version-check -c requirements.lock -e '.[dev]'
+# Re-installs only when pyproject.toml, the lock file or the installer changed (uv, falling back to pip).
+$(STAMP): pyproject.toml requirements.lock tools/install_venv.sh
+	tools/install_venv.sh $(PYTHON) $(VENV)
 	@touch $(STAMP)
 
 demo: setup
