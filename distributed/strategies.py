@@ -148,6 +148,16 @@ def _merge(base: dict, extra: dict) -> dict:
     return out
 
 
+def skip_cpu_shm_comm_build() -> None:
+    """Keep DeepSpeed's CPU accelerator from JIT-building its shared-memory all-reduce op (about 60 s of C++ in every
+    new venv or checkout path, since ninja sees new include paths). The op serves only `inference_all_reduce`;
+    training all-reduces go through torch.distributed (gloo on CPU) either way. DeepSpeed keeps the probe's result in
+    `deepspeed.ops.__compatible_ops__` and documents that edits to it persist; GPU runs never reach this."""
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+
+
 class DeepSpeedStrategy:
     """deepspeed.initialize with ZeRO stage 0-3; every rank saves its shard with engine.save_checkpoint."""
 
@@ -164,6 +174,8 @@ class DeepSpeedStrategy:
         # channels_last strides; the inputs are still channels_last.
         model = model.to(device)
         self.client_optimizer = build_optimizer(cfg, model, device)
+        if device.type == "cpu":
+            skip_cpu_shm_comm_build()
         try:
             self.engine, self.optimizer, _, _ = deepspeed.initialize(
                 model=model, optimizer=self.client_optimizer, config=deepspeed_config(cfg), dist_init_required=False)
