@@ -116,10 +116,11 @@ def train_loop_per_worker(config: dict) -> None:
     spe, num_classes = train.steps_per_epoch, train.index.num_classes
     torch.manual_seed(cfg.run.seed)  # same initial weights on every rank and every launch
     model = build_model(cfg, num_classes)
+    params = sum(p.numel() for p in model.parameters())  # before ZeRO-3 partitions them (numel 0 on every rank)
     strategy = build_strategy(cfg, model, device, spe)
     state = TrainState()
     resume, rng = restore(cfg, strategy, state, config["run_uri"], device, train.fingerprint)
-    metrics = start_attempt(cfg, config, state, resume, rng, sum(p.numel() for p in model.parameters()), spe)
+    metrics = start_attempt(cfg, config, state, resume, rng, params, spe)
     reporter = Reporter(cfg, strategy, state, device, metrics,
                         {"launch_id": config["launch_id"], "order": train.fingerprint, "world_size": world},
                         resume.checkpoint_name)

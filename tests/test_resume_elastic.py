@@ -18,7 +18,7 @@ from distributed.optim import lr_at
 from distributed.preflight import PreflightError
 from distributed.trainer import fit
 
-pytestmark = [pytest.mark.slow, pytest.mark.long]
+pytestmark = pytest.mark.slow
 
 G = 12  # 71 training samples -> 5 steps per epoch, 60 samples
 

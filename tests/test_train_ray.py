@@ -1,6 +1,7 @@
-"""End-to-end training on a local Ray (127.0.0.1) with 2 CPU workers: DDP on S3 with EMA, clipping and
-channels_last (and checkpoint retention by score), fp16 with torch.compile, DeepSpeed ZeRO-3 bf16 and ZeRO-1 resumed
-exactly, exact DDP resume, a SIGKILLed worker. Small images and few steps; each run takes 20-40 s on 2 cores."""
+"""End-to-end training on a local Ray (127.0.0.1) with 2 CPU workers: DDP on S3 with fp16, torch.compile, EMA,
+clipping and channels_last (and checkpoint retention by score); DeepSpeed ZeRO-3 read back by jobs.evaluate; DeepSpeed
+ZeRO-1 SIGKILLed mid-epoch, ending with an uninterrupted run's weights; exact DDP resume (long). Small images and few
+steps: a run takes 30-70 s on 2 cores."""
 from __future__ import annotations
 
 import json
@@ -34,13 +35,17 @@ def load_final_state(run_uri: str, summary: dict, tmp_path) -> dict:
 
 
 def test_ddp_run_with_data_and_checkpoints_on_s3(ray_local, tiny_config, shards, s3_bucket, tmp_path):
-    """EMA (scoring the checkpoints), clipping and channels_last; Ray keeps one evaluated checkpoint (the best,
-    never replaced by a recovery one) and the latest; the tools find them among Ray's own files on S3."""
+    """The GPU recipe's switches on CPU: fp16 (autocast + GradScaler + fused AdamW) with clipping (after unscale),
+    EMA (scoring the checkpoints), channels_last and torch.compile (its eager backend: Dynamo's graph capture and
+    guards, without inductor's code generation, which would take minutes on 2 cores). Ray keeps one evaluated
+    checkpoint (the best, never replaced by a recovery one) and the latest; the tools find them among Ray's own
+    files on S3."""
     fs = fsspec.filesystem("s3")
     fs.put(shards, f"{s3_bucket}/shards", recursive=True)
     cfg = tiny_config(f"s3://{s3_bucket}/shards", f"s3://{s3_bucket}/runs", "ddp-s3", "optim.ema_decay=0.99",
                       "optim.ema_steps=1", "run.checkpoint_score=ema", "optim.grad_clip_norm=1.0",
-                      "model.channels_last=true", "run.num_to_keep=1")
+                      "model.channels_last=true", "run.num_to_keep=1", "strategy.precision=fp16",
+                      "model.compile=true", "model.compile_backend=eager")
     summary = fit(cfg)
     write_curves(summary["run_uri"])  # as jobs.train does after fit
     assert summary["epochs"] == 2 and summary["steps"] == 8 and summary["failures_survived"] == 0
@@ -72,62 +77,34 @@ def test_ddp_run_with_data_and_checkpoints_on_s3(ray_local, tiny_config, shards,
     assert state["config"] == cfg.to_dict() and state["step"] == 8 and state["epoch"] == 2
     assert set(state) >= {"model", "optimizer", "scaler", "ema", "rng", "samples", "order", "best_top1", "skipped_steps"}
     assert len(state["rng"]) == 2 and "scheduler" not in state  # per-rank RNG; the lr is recomputed, not saved
-
-
-@pytest.mark.long
-def test_fp16_with_torch_compile(ray_local, tiny_config, shards, tmp_path):
-    """fp16 on CPU (autocast + GradScaler + fused SGD) under torch.compile (aot_eager: graph capture without
-    code generation, which would take minutes on 2 cores): two steps and a checkpoint of the bare model."""
-    cfg = tiny_config(shards, str(tmp_path / "runs"), "fp16", "strategy.precision=fp16", "optim.name=sgd",
-                      "model.compile=true", "model.compile_backend=aot_eager", "schedule.epochs=1",
-                      "run.stop_after_steps=2")
-    fit(cfg)
-    state = ckpt.load_state(tmp_path / "runs" / "fp16" / "checkpoint_0000000002")
-    assert state["step"] == 2 and state["scaler"]["scale"] > 0 and state["optimizer"]["param_groups"][0]["fused"]
-    assert not [k for k in state["model"] if k.startswith(("_orig_mod.", "module."))]
-    trains = [r for r in read_metrics(str(tmp_path / "runs" / "fp16")) if r["kind"] == "train"]
+    assert state["scaler"]["scale"] > 0 and state["optimizer"]["param_groups"][0]["fused"]
+    assert not [k for k in state["model"] if k.startswith(("_orig_mod.", "module."))]  # the bare model's keys
+    trains = [r for r in read_metrics(run) if r["kind"] == "train"]
     assert trains and all(r["loss"] == r["loss"] for r in trains)  # not NaN
 
 
-@pytest.mark.long
-def test_deepspeed_zero3_bf16_run(ray_local, tiny_config, shards, tmp_path):
-    """bf16 autocast over fp32 parameters and BatchNorm; jobs.evaluate reads the ZeRO-3 checkpoint."""
+def test_deepspeed_zero3_run_and_evaluate_agrees(ray_local, tiny_config, shards, tmp_path):
+    """ZeRO-3: every rank writes its shard, BN statistics stay fp32 and whole; the checkpoint reads back through
+    zero_to_fp32 as fp32 weights, and jobs.evaluate gives the training loop's top-1 (same samples, preset, fp32)."""
     cfg = tiny_config(shards, str(tmp_path / "runs"), "zero3", "strategy.name=deepspeed", "strategy.zero_stage=3",
-                      "strategy.precision=bf16", "schedule.epochs=1")
+                      "schedule.epochs=1")
     summary = fit(cfg)
-    assert summary["steps"] == 4 and summary["strategy"] == "deepspeed"
+    assert summary["steps"] == 4 and summary["strategy"] == "deepspeed" and summary["params"] > 6_000_000
     directory = tmp_path / "runs" / "zero3" / "checkpoint_0000000004"
-    manifest = ckpt.verify_checkpoint(directory)
-    assert manifest["writers"] == 2  # both ranks wrote their ZeRO shard and manifest
+    assert ckpt.verify_checkpoint(directory)["writers"] == 2  # both ranks wrote their ZeRO shard and manifest
     assert sorted(p.name for p in (directory / "zero").glob("*optim_states.pt")) == [
         "zero_pp_rank_0_mp_rank_00_optim_states.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt"]
     states = torch.load(directory / "zero" / "zero_pp_rank_0_mp_rank_00_model_states.pt", weights_only=True)
     buffers = {k: v for k, v in states["module"].items() if "running" in k}
-    assert buffers and all(v.dtype == torch.float32 for v in buffers.values())  # BN statistics stay fp32
+    assert buffers and all(v.dtype == torch.float32 for v in buffers.values())
     ck = checkpoints.read_checkpoint(str(tmp_path / "runs" / "zero3"))
-    assert ck.source == "deepspeed zero_to_fp32" and all(v.dtype == torch.float32 for v in ck.weights.values()
-                                                         if v.is_floating_point())
-    assert evaluate_job.main(["--checkpoint", str(directory), "--out", str(tmp_path / "eval")]) == 0
-
-
-@pytest.mark.long
-def test_deepspeed_zero1_resumed_equals_uninterrupted_and_evaluate_agrees(ray_local, tiny_config, shards, tmp_path):
-    storage = str(tmp_path / "runs")
-    ds = ["strategy.name=deepspeed", "strategy.zero_stage=1", "run.deterministic=true", "schedule.epochs=1"]
-    full = fit(tiny_config(shards, storage, "ds-full", *ds))
-    assert fit(tiny_config(shards, storage, "ds-cut", *ds, "run.stop_after_steps=2"))["steps"] == 0
-    resumed = fit(tiny_config(shards, storage, "ds-cut", *ds))
-    assert resumed["started_from"] == "run:checkpoint_0000000002" and resumed["steps"] == 4
-    a, b = (checkpoints.read_checkpoint(s["checkpoint"]) for s in (full, resumed))
-    assert a.source == "deepspeed module" and a.weights.keys() == b.weights.keys()
-    for key in a.weights:  # both averaged BN statistics at steps 2 and 4: everything bit for bit
-        assert torch.equal(a.weights[key], b.weights[key]), key
-    # jobs.evaluate on the final checkpoint: the training loop's figure (same samples, preset, fp32).
+    assert ck.source == "deepspeed zero_to_fp32"
+    assert all(v.dtype == torch.float32 for v in ck.weights.values() if v.is_floating_point())
     out = tmp_path / "eval"
-    assert evaluate_job.main(["--checkpoint", full["checkpoint"], "--batch-size", "16", "--out", str(out)]) == 0
+    assert evaluate_job.main(["--checkpoint", summary["checkpoint"], "--batch-size", "16", "--out", str(out)]) == 0
     results = json.loads((out / "results.json").read_text())
-    assert results["centre"]["samples"] == 24 and results["centre"]["top1"] == full["final_top1"]
-    assert results["centre"]["top5"] == full["final_top5"]
+    assert results["centre"]["samples"] == 24 and results["centre"]["top1"] == summary["final_top1"]
+    assert results["centre"]["top5"] == summary["final_top5"]
 
 
 @pytest.mark.long
@@ -159,32 +136,41 @@ def test_interrupted_and_resumed_run_equals_uninterrupted(ray_local, tiny_config
     assert again["steps"] == 8 and again["started_from"].startswith("run:checkpoint_0000000008")
 
 
-def test_worker_sigkilled_mid_epoch_twice_and_run_finishes(ray_local, tiny_config, shards, tmp_path):
+def test_worker_sigkilled_mid_epoch_resumes_to_the_uninterrupted_runs_weights(ray_local, tiny_config, shards,
+                                                                              tmp_path):
+    """DeepSpeed ZeRO-1: a rank SIGKILLed mid-epoch, after the step-2 checkpoint; the restart resumes the ZeRO shards
+    of the latest checkpoint, and the run ends with the weights of an uninterrupted run, bit for bit. (fp32: bf16
+    autocast passes too but costs twice the time, CPUs without bf16 units emulating it; test_eval_jobs trains bf16.)"""
     storage = str(tmp_path / "runs")
+    ds = ["strategy.name=deepspeed", "strategy.zero_stage=1", "run.deterministic=true", "run.log_every_steps=1",
+          "schedule.epochs=1"]
+    full = fit(tiny_config(shards, storage, "full", *ds))
     run = RunFolder(os.path.join(storage, "killed"))
     kills = []
 
     def killer():
-        for target_step in (3, 6):
-            deadline = time.monotonic() + 120
-            while time.monotonic() < deadline:
-                steps = [r["step"] for r in read_metrics(run) if r["kind"] == "train"] \
-                    if run.fs.exists(run.path) else []
-                workers = session_train_workers(ray_local)  # the ranks, not their loader workers
-                if steps and max(steps) >= target_step and len(workers) == 2:
-                    workers[-1].send_signal(signal.SIGKILL)
-                    kills.append(max(steps))
-                    break
-                time.sleep(0.05)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            steps = [r["step"] for r in read_metrics(run) if r["kind"] == "train"] if run.fs.exists(run.path) else []
+            workers = session_train_workers(ray_local)  # the ranks, not their loader workers
+            if steps and max(steps) >= 3 and len(workers) == 2 and run.exists(
+                    f"{ckpt.checkpoint_dir_name(2)}/manifest.rank0.json"):
+                workers[-1].send_signal(signal.SIGKILL)
+                kills.append(max(steps))
+                return
+            time.sleep(0.05)
 
     thread = threading.Thread(target=killer, daemon=True)
     thread.start()
-    summary = fit(tiny_config(shards, storage, "killed", "run.max_failures=3", "run.log_every_steps=1",
-                         "schedule.epochs=3"))
+    summary = fit(tiny_config(shards, storage, "killed", *ds, "run.max_failures=1"))
     thread.join(timeout=5)
-    assert len(kills) == 2, kills
-    assert summary["failures_survived"] == 2 and summary["steps"] == 12 and summary["epochs"] == 3
+    assert len(kills) == 1, kills
+    assert summary["failures_survived"] == 1 and summary["steps"] == 4 and summary["epochs"] == 1
     attempts = run.read_jsonl("attempts.jsonl")
-    # Each restart resumed from a checkpoint at most one interval (2 steps) before the kill.
-    for kill_step, attempt in zip(kills, attempts[1:]):
-        assert kill_step - attempt["restored_step"] <= 2 + 1, (kills, attempts)
+    assert len(attempts) == 2 and attempts[1]["restored_step"] in (2, 4), attempts  # not from scratch
+    a, b = (checkpoints.read_checkpoint(s["checkpoint"]) for s in (full, summary))
+    assert a.source == "deepspeed module" and a.cfg.strategy.zero_stage == 1 and a.weights.keys() == b.weights.keys()
+    for key in a.weights:  # fp32 master weights and BN statistics (averaged at the same steps): bit for bit
+        assert torch.equal(a.weights[key], b.weights[key]), key
+        assert not a.weights[key].is_floating_point() or a.weights[key].dtype == torch.float32, key
+    assert summary["final_top1"] == full["final_top1"]

@@ -3,8 +3,9 @@
 #
 # uv installs the ~6.7 GB of wheels (torch is a CUDA build) and byte-compiles them in about 70 s on 2 cores, where pip
 # takes about 250 s. Byte-compiling at install matters: with PYTHONDONTWRITEBYTECODE set (as on the CI machines) every
-# process would otherwise compile torch, torchvision and Ray from source again, 30 s per import instead of 11 s. uv reads neither pip.conf nor PIP_* variables, so pip's configured
-# find-links and extra indexes are passed on. Where uv cannot be installed or fails, pip does the same install.
+# process would otherwise compile torch, torchvision and Ray from source again, 30 s per import instead of 11 s. uv
+# reads neither pip.conf nor PIP_* variables, so pip's configured find-links and extra indexes are passed on. Where uv
+# cannot be installed or fails, pip does the same install.
 set -euo pipefail
 python=$1
 venv=$2
@@ -12,7 +13,8 @@ py=$venv/bin/python
 
 if [[ ! -x $py ]]; then
   "$python" -m venv "$venv" || {
-    echo "error: '$python -m venv $venv' failed. Python 3.11 with venv is required (Debian: apt-get install python3.11-venv)."
+    echo "error: '$python -m venv $venv' failed. Python 3.11 with venv is required" \
+      "(Debian: apt-get install python3.11-venv)."
     exit 1
   }
 fi
