@@ -28,7 +28,8 @@ install_with_uv() {
   "$py" -m pip install --quiet --disable-pip-version-check 'uv==0.13.9' || return 1
   local name value vars=(UV_INDEX_STRATEGY=unsafe-best-match)
   for name in find-links extra-index-url index-url; do
-    value=$(pip_setting "$name")
+    value=$(pip_setting "$name" | xargs)  # pip separates several values by spaces or newlines
+    [[ $name == find-links ]] && value=${value// /,}  # uv's UV_FIND_LINKS takes them comma-separated
     [[ -n $value ]] && vars+=("UV_$(tr 'a-z-' 'A-Z_' <<<"$name")=$value")
   done
   env "${vars[@]}" "$venv/bin/uv" pip install --quiet --compile-bytecode --python "$py" -c requirements.lock -e '.[dev]'
