@@ -29,6 +29,12 @@ LOOPBACK_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
 # the ranks keep LOG_LEVEL; Ray Train propagates this variable from the driver to its controller and ranks
 # (ray/train/v2/_internal/constants.py: ENV_VARS_TO_PROPAGATE). A value already in the environment wins.
 QUIET_ENV = {"RAY_TRAIN_ENABLE_WORKER_STRUCTURED_LOGGING": "0"}
+# Node-death detection, the head's `ray start --system-config` in cluster.yaml and cluster-gcp.yaml (tests check they
+# agree): the GCS declares a node dead after 5 failed health checks 1 s apart, about 5 s after its raylet goes,
+# instead of Ray's 3 s x 5 (about 15 s), which was most of a node loss's recovery beyond a worker restart
+# (BENCHMARKS.md, "Recovery"). A node that vanishes without closing its connections also waits out each check's
+# timeout (health_check_timeout_ms, Ray's 10 s, kept).
+HEAD_SYSTEM_CONFIG = {"health_check_period_ms": 1000, "health_check_failure_threshold": 5}
 
 
 class ClusterError(RuntimeError):

@@ -36,6 +36,8 @@ from unittest import mock
 
 import psutil
 
+from distributed.cluster import HEAD_SYSTEM_CONFIG
+
 REPO = Path(__file__).resolve().parents[1]
 RAY_CLI = str(Path(sys.executable).parent / "ray")
 TRAIN_WORKER = "RayTrainWorker"  # in the process title of Ray Train's worker actors
@@ -135,7 +137,8 @@ class MultiNodeCluster:
         head = {"node_ip_address": "127.0.0.1", "gcs_server_port": self.port, "num_cpus": 0, "resources": {"head": 2},
                 "temp_dir": self.temp_dir, "dashboard_agent_listen_port": _free_port(),  # not Ray's default 52365
                 # The dashboard gives the State API Ray Train's PlacementGroupCleaner polls; loopback, a free port.
-                "include_dashboard": True, "dashboard_host": "127.0.0.1", "dashboard_port": _free_port()}
+                "include_dashboard": True, "dashboard_host": "127.0.0.1", "dashboard_port": _free_port(),
+                "_system_config": HEAD_SYSTEM_CONFIG}  # node-death detection as cluster.yaml's head sets it
         with self._node_env():
             self.cluster = Cluster(initialize_head=True, head_node_args=head)
         for name, cpus in self._initial.items():

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import json
 import re
 import shlex
 import socket
@@ -14,6 +15,8 @@ from pathlib import Path
 import pytest
 import yaml
 from ray.autoscaler._private.util import prepare_config, validate_config
+
+from distributed.cluster import HEAD_SYSTEM_CONFIG
 
 ROOT = Path(__file__).resolve().parents[1]
 AWS, GCP = "cluster.yaml", "cluster-gcp.yaml"
@@ -151,6 +154,15 @@ def test_dashboard_only_on_loopback(cluster):
     hosts = re.findall(r"--dashboard-host[= ]+(\S+)", " ".join(every))
     assert hosts and set(hosts) == {"127.0.0.1"}, hosts
     assert not any("0.0.0.0" in c for c in every)
+
+
+def test_head_detects_a_lost_node_as_the_multinode_fixture_does(cluster):
+    """The head's --system-config is distributed.cluster.HEAD_SYSTEM_CONFIG, which tests/multinode.py and the
+    recovery benchmark start their head with: the figures in BENCHMARKS.md are those of this setting."""
+    _, _, config = cluster
+    (head,) = _ray_start(config["head_start_ray_commands"], head=True)
+    (value,) = re.findall(r"--system-config=(\S+)", head)
+    assert json.loads(shlex.split(value)[0]) == HEAD_SYSTEM_CONFIG
 
 
 def test_token_auth_is_on_everywhere(cluster):
