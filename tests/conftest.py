@@ -195,6 +195,12 @@ def s3_bucket(s3_server):
 
 # Keep every Ray started by the tests (in-process or `ray start`) on 127.0.0.1; see distributed/cluster.py.
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+# Ray Train's controller takes at most one report from each worker per poll of the workers
+# (RAY_TRAIN_HEALTH_CHECK_INTERVAL_S, 2 s by default; a worker's result queue holds one report and the next waits).
+# A tiny run here reports a checkpoint every few tenths of a second, so at 2 s its reports queue up and each fit
+# ends 5-8 s after its last step; 0.5 s takes that off every fit. A real run reports every few minutes: the
+# clusters keep Ray's default.
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
 
 
 @pytest.fixture(scope="session")
