@@ -20,9 +20,9 @@ demo: setup
 test: setup
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-# The end-to-end scenarios of a minute or more each (multi-node faults, job submit, DeepSpeed resume...): ~40 min.
+# The end-to-end scenarios kept out of `make test`, a minute or more each (job submit, single-node driver kill, exact DDP resume...).
 test-long: setup
-	$(PY) -m pytest -m "long and not soak" $(PYTEST_ARGS)
+	$(PY) -m pytest -m long $(PYTEST_ARGS)
 
 # Unit tests only (no Ray cluster, no long training).
 test-fast: setup

@@ -208,6 +208,18 @@ class MultiNodeCluster:
             if name not in self.nodes:
                 self.add_node(name, cpus)
 
+    def refresh_train_view(self, forget_requests: bool = False) -> None:
+        """Make Ray Train see the cluster's nodes as they are now. Its elastic policy sizes a run from the resources
+        Ray Data's AutoscalingCoordinator has reserved for it. That actor is detached (it outlives jobs), looks at
+        the nodes every 20 s, and keeps a run's request for 180 s unless the run cancels it, which a killed driver
+        never does: a run started soon after a node change or a killed driver would be sized for the old shape, or
+        get fewer ranks than the nodes hold. This asks it for one look now (its `recompute` path), from a driver
+        of its own; `forget_requests` instead ends it, between runs, and the next run starts a fresh one."""
+        p = subprocess.run([sys.executable, "-c", _REFRESH_TRAIN_VIEW, "reset" if forget_requests else "look"],
+                           cwd=REPO, env=self.env(), capture_output=True, text=True, timeout=120)
+        if p.returncode != 0:
+            raise RuntimeError(f"refreshing Ray Train's view of the nodes failed:\n{p.stdout[-2000:]}{p.stderr[-2000:]}")
+
     def node_alive(self, name_or_id: str) -> bool:
         """Alive in the GCS's node table (a removed node reads dead once the GCS has noticed)."""
         node_id = self.nodes[name_or_id].node_id if name_or_id in self.nodes else name_or_id
@@ -269,6 +281,27 @@ class MultiNodeCluster:
         left = reap(self.processes(), timeout=30)
         shutil.rmtree(self.temp_dir, ignore_errors=True)
         return left
+
+
+_REFRESH_TRAIN_VIEW = """
+import sys, time
+import ray
+from distributed.cluster import init_ray
+init_ray()
+def coordinator():
+    try:
+        return ray.get_actor("AutoscalingCoordinator", namespace="AutoscalingCoordinator")
+    except ValueError:  # none yet (no Ray Train run so far, or ended): the next run creates it, with a fresh look
+        return None
+if (actor := coordinator()) is not None and sys.argv[1] == "look":
+    ray.get(actor.get_reserved_resources.remote("multinode-fixture", recompute=True), timeout=60)
+elif actor is not None:
+    ray.kill(actor, no_restart=True)
+    deadline = time.monotonic() + 30
+    while coordinator() is not None:  # its name is free once the GCS has it dead
+        assert time.monotonic() < deadline, "the AutoscalingCoordinator outlived ray.kill by 30 s"
+        time.sleep(0.2)
+"""
 
 
 def _free_port() -> int:

@@ -13,7 +13,7 @@ import pytest
 
 from tests.autoscaling import FAKE_GPU, FakeAutoscalingCluster
 
-pytestmark = [pytest.mark.slow, pytest.mark.chaos, pytest.mark.long]
+pytestmark = [pytest.mark.slow, pytest.mark.chaos]
 
 WORKERS = 2
 # What ScalingConfig(resources_per_worker={"GPU": 4}, accelerator_type="A10G") asks for, in the rehearsal's names.
