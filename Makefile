@@ -20,7 +20,7 @@ demo: setup
 test: setup
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-# The end-to-end scenarios kept out of `make test`, a minute or more each (job submit, single-node driver kill, exact DDP resume...).
+# The end-to-end scenarios kept out of `make test` for its budget (job submit, single-node driver kill, exact DDP resume...).
 test-long: setup
 	$(PY) -m pytest -m long $(PYTEST_ARGS)
 
