@@ -208,17 +208,24 @@ class MultiNodeCluster:
             if name not in self.nodes:
                 self.add_node(name, cpus)
 
-    def refresh_train_view(self, forget_requests: bool = False) -> None:
+    def refresh_train_view(self) -> None:
         """Make Ray Train see the cluster's nodes as they are now. Its elastic policy sizes a run from the resources
-        Ray Data's AutoscalingCoordinator has reserved for it. That actor is detached (it outlives jobs), looks at
-        the nodes every 20 s, and keeps a run's request for 180 s unless the run cancels it, which a killed driver
-        never does: a run started soon after a node change or a killed driver would be sized for the old shape, or
-        get fewer ranks than the nodes hold. This asks it for one look now (its `recompute` path), from a driver
-        of its own; `forget_requests` instead ends it, between runs, and the next run starts a fresh one."""
-        p = subprocess.run([sys.executable, "-c", _REFRESH_TRAIN_VIEW, "reset" if forget_requests else "look"],
-                           cwd=REPO, env=self.env(), capture_output=True, text=True, timeout=120)
+        Ray Data's AutoscalingCoordinator has reserved for it. That actor is detached (it outlives jobs) and looks at
+        the nodes every 20 s: a run would be sized for the old shape for up to 20 s after a node change. This asks
+        it for one look now (its `recompute` path), from a driver of its own."""
+        self._train_view("look")
+
+    def reset_train_view(self) -> None:
+        """Between runs: end the AutoscalingCoordinator; the next run starts a fresh one. Besides its 20 s-old view,
+        it keeps a run's resource request for 180 s unless the run cancels it, which a killed driver never does, so
+        a run started after such a test would get fewer ranks than the nodes hold."""
+        self._train_view("reset")
+
+    def _train_view(self, action: str) -> None:
+        p = subprocess.run([sys.executable, "-c", _TRAIN_VIEW, action], cwd=REPO, env=self.env(), capture_output=True,
+                           text=True, timeout=120)
         if p.returncode != 0:
-            raise RuntimeError(f"refreshing Ray Train's view of the nodes failed:\n{p.stdout[-2000:]}{p.stderr[-2000:]}")
+            raise RuntimeError(f"{action} of Ray Train's view of the nodes failed:\n{p.stdout[-2000:]}{p.stderr[-2000:]}")
 
     def node_alive(self, name_or_id: str) -> bool:
         """Alive in the GCS's node table (a removed node reads dead once the GCS has noticed)."""
@@ -283,7 +290,8 @@ class MultiNodeCluster:
         return left
 
 
-_REFRESH_TRAIN_VIEW = """
+# The driver behind MultiNodeCluster.refresh_train_view and reset_train_view; argv[1]: "look" or "reset".
+_TRAIN_VIEW = """
 import sys, time
 import ray
 from distributed.cluster import init_ray

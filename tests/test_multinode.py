@@ -207,7 +207,7 @@ def test_node_lost_without_replacement_the_run_goes_on_at_one_rank(multinode, bu
     against max_failures; docs/fault_tolerance.md). 5 s here (a placement that can come is ready in well under a
     second, "Placement group ready in 0.00s" in the controller's log) and a look asked for once the node is dead
     keep the test short."""
-    multinode.refresh_train_view(forget_requests=True)  # start at 2 ranks, whatever the tests before did
+    multinode.reset_train_view()  # start at 2 ranks, whatever the tests before did
     job = Job(multinode, bucket, "shrink", tmp_path, *ELASTIC, "schedule.epochs=3", "run.max_failures=1",
               f"run.sample_log={tmp_path / 'samples'}", env={"RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "5"}).start()
     job.wait_for(lambda: ckpt.checkpoint_dir_name(STEPS_PER_EPOCH) in job.checkpoints(), "epoch-1 checkpoint")
@@ -232,7 +232,7 @@ def test_elastic_run_grows_when_a_node_joins(multinode, bucket, tmp_path):
     that, so its one rank is frozen (SIGSTOP) from the node's arrival until the controller has decided to grow: a
     real epoch lasts far longer than the check. Ray Train tolerates a worker whose poll hangs (10 min)."""
     multinode.remove_node("node_b")
-    multinode.refresh_train_view(forget_requests=True)  # start at 1 rank, not at a stale count
+    multinode.reset_train_view()  # start at 1 rank, not at a stale count
     job = Job(multinode, bucket, "grow", tmp_path, *ELASTIC, "schedule.epochs=2", "run.max_failures=0",
               "run.elastic_resize_interval_s=5", f"run.sample_log={tmp_path / 'samples'}").start()
     job.wait_for(lambda: ckpt.checkpoint_dir_name(2) in job.checkpoints(), "step-2 checkpoint")
